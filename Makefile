@@ -1,0 +1,29 @@
+# The two commands of the README, and their parts.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test lint schema
+
+$(BIN)/finetune: pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	@touch $@
+
+setup: $(BIN)/finetune
+
+# Validate the quick-start recipe and build its tiny model into the embedded model store.
+quickstart: setup
+	$(BIN)/finetune validate recipes/quickstart.yaml
+	$(BIN)/finetune models materialize smollm2-135m-instruct --tiny
+	$(BIN)/finetune models list
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+# Regenerate recipes/schema.json from the Recipe model.
+schema: setup
+	$(BIN)/finetune schema > recipes/schema.json

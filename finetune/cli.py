@@ -1,0 +1,206 @@
+"""The ``finetune`` command line: parses arguments, calls the library, prints results.
+
+Exit codes: 0 success, 2 invalid input (every problem printed, located), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError, IssuesError
+from finetune.registry import Registry, Status
+from finetune.settings import Settings, get_settings
+
+EXIT_OK, EXIT_FAIL, EXIT_INVALID = 0, 1, 2
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _registry(settings: Settings) -> Registry:
+    return Registry.load(settings.registry, settings.lock_path)
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.validate import validate_file
+
+    registry = _registry(settings)
+    results = []
+    for path in args.files:
+        recipe, issues = validate_file(Path(path), registry)
+        results.append({"file": path, "valid": recipe is not None, "issues": [i.as_dict() for i in issues]})
+        if not args.json:
+            if recipe is not None:
+                print(f"{path}: OK")
+            for issue in issues:
+                print(issue)
+    if args.json:
+        _print_json(results)
+    return EXIT_OK if all(r["valid"] for r in results) else EXIT_INVALID
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.schema import recipe_json_schema_text
+
+    sys.stdout.write(recipe_json_schema_text())
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
+    registry = _registry(settings)
+    entries = [e for e in registry if args.status is None or e.status.value == args.status]
+    if args.json:
+        _print_json([e.summary() for e in entries])
+        return EXIT_OK
+    width = max((len(e.id) for e in entries), default=10)
+    for status in Status:
+        group = [e for e in entries if e.status is status]
+        if not group:
+            continue
+        print(f"{status.value} ({len(group)})")
+        for e in group:
+            size = f"{e.params_b:g}B" if e.params_b else "-"
+            extra = f"  {e.reason}" if e.status is not Status.APPROVED else f"  {'/'.join(e.methods)}"
+            print(f"  {e.id:<{width}}  {size:>6}  {e.developer.entity} ({e.developer.country}){extra}")
+    return EXIT_OK
+
+
+def cmd_models_show(args: argparse.Namespace, settings: Settings) -> int:
+    registry = _registry(settings)
+    entry = registry.get(args.id)
+    if entry is None:
+        from finetune.validate import unknown_model_issue
+
+        print(f"finetune: {unknown_model_issue(args.id, registry).message}", file=sys.stderr)
+        return EXIT_INVALID
+    data = entry.model_dump(mode="json")
+    data["verdict"] = registry.verdict(entry).as_dict()
+    if entry.chat is not None:
+        data["chat"]["template_text"] = registry.chat_template(entry)
+    if args.json:
+        _print_json(data)
+    else:
+        import yaml
+
+        print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
+    return EXIT_OK
+
+
+def cmd_models_check(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.modelstore import check_folder
+
+    report = check_folder(Path(args.dir), args.developer, args.country, _registry(settings))
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(f"{report.folder}: {report.status} ({report.verdict.decision.value})")
+        for reason in report.verdict.reasons:
+            print(f"  - {reason}")
+        if report.identical_to:
+            print(f"  weights identical to registry entries: {', '.join(report.identical_to)}")
+        print(f"  {len(report.files)} files hashed; model_type {report.model_type}")
+    return EXIT_INVALID if report.status == "denied" else EXIT_OK
+
+
+def cmd_models_import(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.modelstore import import_snapshot
+
+    dest = import_snapshot(
+        Path(args.snapshot), args.id, _registry(settings), settings.store_path, settings.lock_path, args.revision
+    )
+    print(f"imported {args.id} into {dest}")
+    return EXIT_OK
+
+
+def cmd_models_materialize(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.modelstore import TINY_REVISION, model_dir
+    from finetune.tiny import materialize_tiny
+
+    registry = _registry(settings)
+    entry = registry.get(args.id)
+    if entry is None or entry.status is not Status.APPROVED:
+        print(f"finetune: '{args.id}' is not an approved model", file=sys.stderr)
+        return EXIT_INVALID
+    dest = Path(args.dest) if args.dest else model_dir(settings.store_path, entry.id, TINY_REVISION)
+    materialize_tiny(entry, registry.chat_template(entry), dest, seed=args.seed)
+    print(f"tiny random-weight {entry.id} written to {dest}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tuning engine of the GPU-grant platform.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check recipe files; exit 2 listing every problem")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (2020-12)")
+    p.set_defaults(func=cmd_schema)
+
+    models = sub.add_parser("models", help="the model registry and the offline model store")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    p = msub.add_parser("list", help="registry entries by status")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--status", choices=[s.value for s in Status])
+    p.set_defaults(func=cmd_models_list)
+    p = msub.add_parser("show", help="one registry entry with its origin verdict")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_show)
+    p = msub.add_parser("check", help="review an uploaded model folder (custom model)")
+    p.add_argument("dir")
+    p.add_argument("--developer", required=True, help="declared developer entity")
+    p.add_argument("--country", required=True, help="declared developer country (ISO code, e.g. TW)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_check)
+    p = msub.add_parser("import", help="verify a snapshot folder and copy it into the model store")
+    p.add_argument("snapshot", metavar="SNAPSHOT_DIR")
+    p.add_argument("--id", required=True, help="registry id")
+    p.add_argument("--revision", help="commit of the snapshot, when the registry does not pin one")
+    p.set_defaults(func=cmd_models_import)
+    p = msub.add_parser("materialize", help="write a tiny random-weight model of a registry architecture")
+    p.add_argument("id")
+    p.add_argument("--tiny", action="store_true", required=True, help="random weights, scaled down (required)")
+    p.add_argument("--dest", help="output folder (default: the model store's tiny-random folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_models_materialize)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        return func(args, get_settings())
+    except IssuesError as exc:
+        print(f"finetune: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except FinetuneError as exc:
+        print(f"finetune: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Typed errors shared by the whole engine.
+
+Every problem a tenant can cause is reported as an :class:`Issue`: where it is (file, line,
+field path) and what to do about it. Functions collect issues and raise one error holding
+all of them, so a tenant fixes everything in one pass instead of one error at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One located problem.
+
+    Attributes:
+        path: Dotted field path (``training.learning_rate``) or ``""`` for the whole document.
+        message: What is wrong, in words a tenant understands.
+        file: The file the problem was found in, when there is one.
+        line: 1-based line in ``file``, when it can be known.
+        hint: What to do about it, when there is something useful to say.
+    """
+
+    path: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    hint: str | None = None
+
+    def location(self) -> str:
+        parts = []
+        if self.file:
+            parts.append(self.file if self.line is None else f"{self.file}:{self.line}")
+        if self.path:
+            parts.append(self.path)
+        return ": ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.location()
+        text = f"{where}: {self.message}" if where else self.message
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "path": self.path,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+class FinetuneError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class IssuesError(FinetuneError):
+    """An error carrying every located issue that was found, not just the first."""
+
+    def __init__(self, issues: Iterable[Issue], summary: str | None = None) -> None:
+        self.issues = list(issues)
+        head = summary or f"{len(self.issues)} problem(s) found"
+        super().__init__("\n".join([head, *(f"  {i}" for i in self.issues)]))
+
+
+class RecipeError(IssuesError):
+    """The recipe is not valid: bad YAML, unknown keys, values out of range, denied model..."""
+
+
+class RegistryError(IssuesError):
+    """The model registry file (or its lock file) is malformed or inconsistent."""
+
+
+class ModelStoreError(FinetuneError):
+    """A model is missing from the offline store, or its files do not match the pinned digests."""
+
+
+class ModelCheckError(IssuesError):
+    """A model folder was refused: pickle weights, custom code, a denied checkpoint..."""

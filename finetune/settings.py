@@ -1,0 +1,41 @@
+"""Engine settings, from ``FINETUNE_*`` environment variables, with embedded defaults.
+
+Embedded defaults keep everything under one data directory in the working folder, so a fresh
+checkout runs with no server to install.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def default_registry_path() -> Path:
+    """The registry shipped with the engine: the wheel's copy, else the source checkout's."""
+    packaged = _PACKAGE / "_data" / "model_registry.yaml"
+    return packaged if packaged.exists() else _PACKAGE.parent / "model_registry.yaml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("finetune-data"), description="Root of everything the engine writes.")
+    model_store: Path | None = Field(default=None, description="Offline model store; default <data_dir>/models.")
+    registry: Path = Field(default_factory=default_registry_path, description="The model registry YAML file.")
+    model_lock: Path | None = Field(default=None, description="Pinned digests; default <model_store>/models.lock.json.")
+
+    @property
+    def store_path(self) -> Path:
+        return self.model_store if self.model_store is not None else self.data_dir / "models"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.model_lock if self.model_lock is not None else self.store_path / "models.lock.json"
+
+
+def get_settings() -> Settings:
+    return Settings()
