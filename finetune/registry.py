@@ -13,6 +13,7 @@ the policy would not allow is a registry error, so a careless edit cannot approv
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import re
@@ -59,6 +60,13 @@ class Source(_Strict):
 
 
 class ComponentSpec(_Strict):
+    """Who produced one part of the model as it is shipped.
+
+    ``base_weights`` is the entity that produced the weights being trained (the last trainer,
+    not the ancestors): a fine-tune or distill published by a denied entity is denied through
+    it. Ancestors go to ``ModelEntry.lineage``; a denied ancestor sends the model to review.
+    """
+
     part: ComponentPart
     entity: str
     country: CountryCode
@@ -122,6 +130,16 @@ class ModelEntry(_Strict):
         if self.architecture is not None and "model_type" not in self.architecture:
             raise ValueError("architecture needs a model_type")
         return self
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """A deep copy of ``architecture`` for ``AutoConfig.for_model(**kwargs)``.
+
+        transformers edits nested dicts it is given (rope settings), so the registry's own
+        data must never be passed directly.
+        """
+        if self.architecture is None:
+            raise KeyError(f"{self.id} has no architecture")
+        return copy.deepcopy(self.architecture)
 
     @property
     def model_type(self) -> str | None:
@@ -273,7 +291,7 @@ class Registry:
         issues = _duplicate_ids(parsed.models, doc)
         entries = parsed.models
         if lock_path is not None and lock_path.exists():
-            entries, lock_issues = _merge_lock(entries, lock_path)
+            entries, lock_issues = apply_lock(entries, lock_path)
             issues += lock_issues
         registry = cls(entries, parsed.chat_templates, path)
         issues += registry.consistency_issues()
@@ -308,7 +326,8 @@ def read_lock(lock_path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge_lock(entries: list[ModelEntry], lock_path: Path) -> tuple[list[ModelEntry], list[Issue]]:
+def apply_lock(entries: list[ModelEntry], lock_path: Path) -> tuple[list[ModelEntry], list[Issue]]:
+    """The entries with the revisions and digests pinned in the lock file, and any conflict."""
     lock = read_lock(lock_path)["models"]
     issues: list[Issue] = []
     merged = []

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from finetune.errors import FinetuneError
+from finetune.modelstore import scan_folder
 from finetune.registry import ChatSpec, ModelEntry
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ TINY_LAYERS = 2
 
 #: Keys of a real ``config.json`` that make no sense for a tiny random model (or are unsafe).
 _DROPPED_KEYS = ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype", "transformers_version")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A tiny model learns nothing, but it loads like a real one.",
@@ -194,7 +194,7 @@ def tiny_config(entry: ModelEntry, tokenizer: PreTrainedTokenizerFast | None = N
     arch, chat = _require(entry)
     if tokenizer is None:
         tokenizer = build_tokenizer(chat, "")
-    kwargs = {k: v for k, v in copy.deepcopy(arch).items() if k not in _DROPPED_KEYS}
+    kwargs = {k: v for k, v in entry.config_kwargs().items() if k not in _DROPPED_KEYS}
     try:
         real = AutoConfig.for_model(**copy.deepcopy(kwargs))
     except Exception as exc:  # transformers raises ValueError or huggingface_hub's StrictDataclassError
@@ -284,9 +284,9 @@ def materialize_tiny(entry: ModelEntry, template: str, dest: Path, seed: int = 0
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        unsafe = [p.name for p in tmp.iterdir() if p.suffix in (*_PICKLE_SUFFIXES, ".py")]
+        _, unsafe = scan_folder(tmp)
         if unsafe:
-            raise FinetuneError(f"refusing to publish a tiny model with pickle or code files: {unsafe}")
+            raise FinetuneError(f"refusing to publish a tiny model that fails the store's checks: {unsafe}")
         os.chmod(tmp, 0o755)
         if dest.exists():
             shutil.rmtree(dest)

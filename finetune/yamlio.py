@@ -26,7 +26,10 @@ from finetune.errors import Issue
 Loc = tuple[str | int, ...]
 
 
-class _Loader(yaml.SafeLoader):
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
+
+
+class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
     """SafeLoader with YAML 1.2 booleans: only true/false, never yes/no/on/off."""
 
 
@@ -78,13 +81,14 @@ def _walk(node: yaml.Node, loc: Loc, doc: LocatedDoc) -> None:
             _walk(item, (*loc, i), doc)
 
 
-def _plain_yaml_problem(problem: str) -> str:
-    if "expected <block end>" in problem or "block mapping" in problem:
-        return "this line's indentation does not match the lines around it"
-    if "mapping values are not allowed here" in problem:
-        return "a ':' where none can be (quote text that contains ': ')"
-    if "found character '\\t'" in problem:
+def _plain_yaml_problem(problem: str, line_text: str) -> str:
+    """PyYAML's and libyaml's parser jargon, said plainly for the common mistakes."""
+    if "\t" in line_text[: len(line_text) - len(line_text.lstrip())]:
         return "tabs cannot indent YAML; use spaces"
+    if "expected <block end>" in problem or "block mapping" in problem or "did not find expected key" in problem:
+        return "this line's indentation does not match the lines around it"
+    if "mapping values are not allowed" in problem:
+        return "a ':' where none can be (quote text that contains ': ')"
     return problem
 
 
@@ -97,17 +101,23 @@ def parse_yaml_located(text: str, file: str | None = None) -> LocatedDoc:
         doc.issues.append(Issue("", "the file is empty", file=file, hint="start from recipes/quickstart.yaml"))
         return doc
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        if node is None:
-            doc.issues.append(Issue("", "the file is empty", file=file, hint="start from recipes/quickstart.yaml"))
-            return doc
-        doc.lines[()] = node.start_mark.line + 1
-        _walk(node, (), doc)
-        doc.data = _Loader(text).get_single_data()
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                doc.issues.append(Issue("", "the file is empty", file=file, hint="start from recipes/quickstart.yaml"))
+                return doc
+            doc.lines[()] = node.start_mark.line + 1
+            _walk(node, (), doc)
+            doc.data = loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        what = _plain_yaml_problem(exc.problem or exc.context or "invalid YAML")
+        lines = text.splitlines()
+        line_text = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+        what = _plain_yaml_problem(exc.problem or exc.context or "invalid YAML", line_text)
         doc.issues.append(
             Issue(
                 "",

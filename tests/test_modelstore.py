@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from finetune.errors import ModelCheckError, ModelStoreError
 from finetune.modelstore import check_folder, import_snapshot, resolve_model, scan_folder
-from finetune.registry import ModelEntry, Registry
+from finetune.registry import ModelEntry, Registry, apply_lock
 
 ARCH = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 16}
 REV = "a" * 40
@@ -133,9 +133,7 @@ def test_import_pins_digests_then_verifies_them(tmp_path):
     assert pinned["revision"] == REV and set(pinned["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
 
     reloaded = Registry([entry()], {"t": ""})
-    from finetune.registry import _merge_lock
-
-    merged, issues = _merge_lock(list(reloaded), lock)
+    merged, issues = apply_lock(list(reloaded), lock)
     assert issues == [] and merged[0].source.revision == REV and merged[0].files
     reg2 = Registry(merged, {"t": ""})
     assert resolve_model(reg2, "demo-1b", store) == dest

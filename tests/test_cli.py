@@ -1,0 +1,127 @@
+"""The `finetune models` commands, through the real argument parser."""
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.cli import main
+from finetune.modelstore import resolve_model
+from finetune.registry import Registry
+from finetune.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_models_list_json_has_the_required_entries():
+    code, out, _ = run("models", "list", "--json")
+    entries = {e["id"]: e for e in json.loads(out)}
+    by_status = {s: [e for e in entries.values() if e["status"] == s] for s in ("approved", "pending", "denied")}
+    assert code == 0
+    assert len(by_status["approved"]) >= 15 and len(by_status["denied"]) >= 10
+    assert entries["taide-llama3-8b-chat-alpha1"]["status"] == "approved"
+    assert entries["taide-llama3-8b-chat-alpha1"]["model_type"] == "llama"
+    assert entries["yi-1.5-34b"]["status"] == "denied" and entries["yi-1.5-34b"]["model_type"] == "llama"
+    assert entries["deepseek-r1-distill-llama-8b"]["status"] == "denied"
+    assert entries["llama-breeze2-8b-instruct"]["status"] == "pending"
+    assert run("models", "list", "--json", "--status", "pending")[1].count('"id"') == len(by_status["pending"])
+
+
+def test_models_show_gives_the_verdict_and_template():
+    code, out, _ = run("models", "show", "yi-1.5-34b", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["verdict"]["decision"] == "deny"
+    assert data["architecture"]["model_type"] == "llama"
+    code, out, _ = run("models", "show", "gemma-3-1b-it")
+    shown = yaml.safe_load(out)
+    assert shown["verdict"]["decision"] == "allow" and "<start_of_turn>" in shown["chat"]["template_text"]
+    code, _, err = run("models", "show", "gemma-3-1b")
+    assert code == 2 and "unknown model 'gemma-3-1b'" in err
+
+
+def test_materialize_into_the_store_then_resolve(data_dir):
+    code, out, _ = run("models", "materialize", "llama-3.2-1b-instruct", "--tiny")
+    assert code == 0
+    settings = get_settings()
+    path = resolve_model(Registry.load(settings.registry), "llama-3.2-1b-instruct", settings.store_path, tiny=True)
+    assert path == data_dir / "models" / "llama-3.2-1b-instruct" / "tiny-random"
+    assert f"written to {path}" in out
+
+
+def test_check_custom_model_pending_denied_and_refused(tmp_path):
+    folder = tmp_path / "upload"
+    assert run("models", "materialize", "mistral-7b-instruct-v0.3", "--tiny", "--dest", str(folder))[0] == 0
+    code, out, _ = run("models", "check", str(folder), "--developer", "Acme AI", "--country", "TW", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["status"] == "pending" and report["model_type"] == "mistral"
+    assert "model.safetensors" in report["files"]
+    code, out, _ = run("models", "check", str(folder), "--developer", "DeepSeek", "--country", "US")
+    assert code == 2 and out.startswith(f"{folder}: denied (deny)")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    code, _, err = run("models", "check", str(folder), "--developer", "Acme AI", "--country", "TW")
+    assert code == 2
+    assert "pytorch_model.bin: pickle weights are refused: loading them can run code" in err
+
+
+def test_import_refuses_a_tiny_model_under_the_real_models_name(tmp_path):
+    folder = tmp_path / ("f" * 40)
+    run("models", "materialize", "smollm2-135m-instruct", "--tiny", "--dest", str(folder))
+    code, _, err = run("models", "import", str(folder), "--id", "smollm2-135m-instruct")
+    assert code == 2
+    assert "config.json:hidden_size: is 64 but registry entry 'smollm2-135m-instruct' says 576" in err
+
+
+def test_import_then_train_path_resolves(tmp_path, monkeypatch, data_dir):
+    # A registry whose entry describes exactly the tiny architecture, so the identity check passes.
+    folder = tmp_path / "snap"
+    run("models", "materialize", "smollm2-135m-instruct", "--tiny", "--dest", str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    doc = yaml.safe_load((ROOT / "model_registry.yaml").read_text())
+    entry = next(e for e in doc["models"] if e["id"] == "smollm2-135m-instruct")
+    entry["architecture"].update(
+        {
+            k: config[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        }
+    )
+    reg_path = tmp_path / "registry.yaml"
+    reg_path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    monkeypatch.setenv("FINETUNE_REGISTRY", str(reg_path))
+    rev = "1" * 40
+    code, out, err = run("models", "import", str(folder), "--id", "smollm2-135m-instruct", "--revision", rev)
+    assert code == 0, err
+    settings = get_settings()
+    registry = Registry.load(settings.registry, settings.lock_path)
+    assert registry.get("smollm2-135m-instruct").source.revision == rev
+    assert (
+        resolve_model(registry, "smollm2-135m-instruct", settings.store_path)
+        == data_dir / "models" / "smollm2-135m-instruct" / rev
+    )
+    # a second import of the same files is accepted; of other files, refused
+    assert run("models", "import", str(folder), "--id", "smollm2-135m-instruct", "--revision", rev)[0] == 0
+    (folder / "tokenizer_config.json").write_text("{}")
+    code, _, err = run("models", "import", str(folder), "--id", "smollm2-135m-instruct", "--revision", rev)
+    assert code == 1 and "does not match its pinned digests: tokenizer_config.json" in err
