@@ -1,0 +1,45 @@
+"""Offline by construction: importing the engine switches the Hugging Face libraries offline,
+and no code path asks for remote code or pickle weights (DESIGN.md, invariant 3)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import finetune
+from finetune.offline import LOAD_KWARGS, OFFLINE_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted([*(ROOT / "finetune").rglob("*.py"), *(ROOT / "workers").rglob("*.py")])
+
+
+def test_importing_finetune_sets_offline_mode():
+    assert finetune.__version__
+    for key, value in OFFLINE_ENV.items():
+        assert os.environ[key] == value
+
+
+def test_offline_mode_holds_in_a_fresh_interpreter_even_if_the_caller_said_otherwise():
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    code = "import finetune, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_load_kwargs_are_local_only_and_never_remote_code():
+    assert LOAD_KWARGS == {"local_files_only": True, "trust_remote_code": False}
+
+
+def test_no_source_enables_remote_code_or_pickle_loading():
+    offenders = []
+    for path in SOURCES:
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"trust_remote_code\s*=\s*True", text):
+            offenders.append(f"{path.name}: trust_remote_code=True")
+        if re.search(r"torch\.load\(|pickle\.loads?\(|weights_only\s*=\s*False", text):
+            offenders.append(f"{path.name}: pickle loading")
+        for call in re.finditer(r"\.from_pretrained\(", text):
+            if "LOAD_KWARGS" not in text[call.end() : call.end() + 200]:
+                offenders.append(f"{path.name}: from_pretrained without LOAD_KWARGS")
+    assert offenders == []
