@@ -11,7 +11,6 @@ since loading either can run arbitrary code (DESIGN.md, invariant 3).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import Issue, ModelCheckError, ModelStoreError
+from finetune.hashing import sha256_file
 from finetune.origin import OriginFacts, Verdict, judge
 from finetune.registry import FileDigest, ModelEntry, Registry, Status, is_commit, read_lock
 
@@ -32,15 +32,6 @@ IDENTITY_KEYS = (
     "num_key_value_heads", "vocab_size",
 )  # fmt: skip
 TINY_REVISION = "tiny-random"
-_CHUNK = 8 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _iter_files(root: Path) -> list[Path]:

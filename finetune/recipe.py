@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune.errors import Issue
+from finetune.paths import bucket_path_problem, normalise_bucket_path
 
 #: No grant on the platform exceeds one node of 8 GPUs per job; admission also checks the
 #: tenant's own grant, which is usually smaller (the 2025 round lent 0.5, 1 or 4 GPUs).
@@ -25,28 +26,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-def bucket_path_problem(value: str) -> str | None:
-    """Why ``value`` is not an acceptable relative path inside the tenant bucket, or None."""
-    if not value.strip():
-        return "must not be empty"
-    if "\\" in value:
-        return "must use '/' between folders, not '\\'"
-    if value.startswith("/") or (len(value) > 1 and value[1] == ":"):
-        return f"must be a path inside your bucket, not an absolute path (got '{value}')"
-    if "://" in value:
-        return f"must be a path inside your bucket, without a scheme (got '{value}')"
-    if any(part == ".." for part in value.split("/")):
-        return f"must not contain '..' (got '{value}')"
-    if any(ord(ch) < 32 for ch in value):
-        return "must not contain control characters"
-    return None
-
-
 def _bucket_path(value: str) -> str:
     problem = bucket_path_problem(value)
     if problem:
         raise ValueError(problem)
-    return "/".join(p for p in value.split("/") if p not in ("", "."))
+    return normalise_bucket_path(value)
 
 
 # ------------------------------------------------------------------------------------ model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -27,6 +27,14 @@ class Settings(BaseSettings):
     model_store: Path | None = Field(default=None, description="Offline model store; default <data_dir>/models.")
     registry: Path = Field(default_factory=default_registry_path, description="The model registry YAML file.")
     model_lock: Path | None = Field(default=None, description="Pinned digests; default <model_store>/models.lock.json.")
+    storage_url: str | None = Field(
+        default=None, description="Where tenant buckets live: file:///path or s3://bucket; default <data_dir>/buckets."
+    )
+    quota_bytes: int = Field(default=10**12, ge=0, description="Storage quota per tenant and term, in bytes.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (any provider).")
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
 
     @property
     def store_path(self) -> Path:

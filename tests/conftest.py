@@ -29,3 +29,38 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """An S3-compatible HTTP server on loopback (moto's), with one empty bucket, for the S3 path.
+
+    Tests talk to it through the real clients (s3fs, boto3, pyarrow), as s3fs's own tests do.
+    """
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    info = {
+        "endpoint_url": f"http://{host}:{port}",
+        "bucket": "finetune-test",
+        "region": "us-east-1",
+        "access_key_id": "testing",
+        "secret_access_key": "testing",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=info["endpoint_url"],
+        region_name=info["region"],
+        aws_access_key_id=info["access_key_id"],
+        aws_secret_access_key=info["secret_access_key"],
+    ).create_bucket(Bucket=info["bucket"])
+    try:
+        yield info
+    finally:
+        server.stop()

@@ -3,12 +3,12 @@
 import pytest
 from pydantic import ValidationError
 
+from finetune.paths import bucket_path_problem
 from finetune.recipe import (
     MAX_GPUS_PER_JOB,
     LoraMethod,
     QloraMethod,
     Recipe,
-    bucket_path_problem,
     cross_field_issues,
     default_learning_rate,
 )
@@ -52,6 +52,7 @@ def test_method_union_picks_the_variant_by_type():
         ("s3://other/x", "must be a path inside your bucket, without a scheme (got 's3://other/x')"),
         ("  ", "must not be empty"),
         ("a\x00b", "must not contain control characters"),
+        ("./", "must name a file or folder inside your bucket"),
     ],
 )
 def test_bucket_paths_that_escape_are_refused(path, problem):

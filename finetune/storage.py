@@ -1,0 +1,299 @@
+"""Tenant buckets: one tenant's storage for one term, over fsspec (``file://`` or ``s3://``).
+
+A :class:`Bucket` is rooted at ``<base>/<tenant>/<term>`` and every path it takes is relative
+to that root. Paths that could leave it are refused before any I/O (``..``, absolute paths,
+backslashes, schemes, control characters, and on ``file://`` links that resolve outside), and
+every name that comes back from a listing is checked to lie under the root, so tenant ``t1`` never
+sees ``t10``. Writes are checked against the term's quota first.
+
+Publication is atomic: a single object is written under a temporary name and moved into place
+(an S3 PUT is atomic by itself), and a folder is published by writing its objects and then,
+last, a marker holding the manifest of what was published. A folder without its marker is
+incomplete and is ignored by :meth:`Bucket.is_published`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+from finetune.errors import FinetuneError
+from finetune.hashing import sha256_file
+from finetune.paths import bucket_path_problem, normalise_bucket_path
+from finetune.settings import Settings
+
+ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MARKER = ".published.json"
+STAGING = ".staging"
+DEFAULT_QUOTA_BYTES = 10**12  # about 1 TB per tenant and term (PLATFORM.md, P5)
+
+
+class StorageError(FinetuneError):
+    """A storage operation failed or was refused."""
+
+
+class PathEscapeError(StorageError):
+    """A path would lead outside the tenant's bucket."""
+
+
+class QuotaExceededError(StorageError):
+    """A write would take the tenant past the term's storage quota."""
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1000
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where buckets live and how to reach them."""
+
+    url: str
+    quota_bytes: int = DEFAULT_QUOTA_BYTES
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StorageConfig:
+        secret = settings.s3_secret_access_key
+        return cls(
+            url=settings.storage_url or (settings.data_dir / "buckets").resolve().as_uri(),
+            quota_bytes=settings.quota_bytes,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+        )
+
+    @property
+    def protocol(self) -> str:
+        return self.url.split("://", 1)[0] if "://" in self.url else "file"
+
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        if self.protocol == "file":
+            return fsspec.filesystem("file")
+        if self.protocol == "s3":
+            client: dict[str, Any] = {"region_name": self.region} if self.region else {}
+            return fsspec.filesystem(
+                "s3",
+                key=self.access_key_id,
+                secret=self.secret_access_key,
+                endpoint_url=self.endpoint_url,
+                client_kwargs=client,
+                use_listings_cache=False,
+            )
+        raise StorageError(f"unsupported storage url '{self.url}': use file:// or s3://")
+
+    def base_path(self) -> str:
+        rest = self.url.split("://", 1)[1] if "://" in self.url else self.url
+        return rest.rstrip("/")
+
+
+class Bucket:
+    """One tenant's storage for one term. All paths are relative to its root."""
+
+    def __init__(self, config: StorageConfig, tenant: str, term: str, fs: fsspec.AbstractFileSystem | None = None):
+        for what, value in (("tenant", tenant), ("term", term)):
+            if not ID_PATTERN.match(value):
+                raise StorageError(f"invalid {what} id '{value}': lower-case letters, digits and '-' only")
+        self.config = config
+        self.tenant, self.term = tenant, term
+        self.fs = fs or config.filesystem()
+        self.local = config.protocol == "file"
+        self.root = f"{config.base_path()}/{tenant}/{term}"
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+
+    @classmethod
+    def for_tenant(cls, settings: Settings, tenant: str, term: str) -> Bucket:
+        return cls(StorageConfig.from_settings(settings), tenant, term)
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.config.protocol}://{self.root})"
+
+    # ------------------------------------------------------------------------------- paths
+    def full(self, rel: str) -> str:
+        """The backend path of ``rel``, after refusing anything that could leave the bucket."""
+        problem = bucket_path_problem(rel)
+        if problem:
+            raise PathEscapeError(f"'{rel}': {problem}")
+        full = f"{self.root}/{normalise_bucket_path(rel)}"
+        if self.local:
+            root_real = os.path.realpath(self.root)
+            real = os.path.realpath(full)
+            if real != root_real and not real.startswith(root_real + os.sep):
+                raise PathEscapeError(f"'{rel}': leads outside your bucket through a link")
+        return full
+
+    def relative(self, full: str) -> str:
+        """The bucket-relative name of a backend path; refuses names outside the root."""
+        full = full.rstrip("/")
+        if self.local:
+            full = Path(full).as_posix()
+        prefix = self.root + "/"
+        if not full.startswith(prefix):
+            raise PathEscapeError(f"'{full}' is outside the bucket")
+        return full[len(prefix) :]
+
+    def local_path(self, rel: str) -> Path:
+        """A local filesystem path for ``rel`` (``file://`` buckets only)."""
+        if not self.local:
+            raise StorageError("this bucket is not on the local filesystem")
+        return Path(self.full(rel))
+
+    # ------------------------------------------------------------------------------- reading
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.exists(self.full(rel)))
+
+    def isdir(self, rel: str) -> bool:
+        return bool(self.fs.isdir(self.full(rel)))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.info(self.full(rel))["size"])
+
+    def open(self, rel: str, mode: str = "rb") -> IO[Any]:
+        """Open for reading. Writing goes through :meth:`write_bytes` or :meth:`upload`."""
+        if "r" not in mode or "+" in mode:
+            raise StorageError("open() is read-only; write with write_bytes() or upload()")
+        return self.fs.open(self.full(rel), mode)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return bytes(self.fs.cat_file(self.full(rel)))
+
+    def list(self, rel: str = "", recursive: bool = False) -> list[str]:
+        """Names under ``rel`` (files only when recursive), relative to the bucket, sorted."""
+        base = self.full(rel) if rel else self.root
+        if not self.fs.exists(base):
+            return []
+        if recursive:
+            found = self.fs.find(base + "/", withdirs=False)
+        else:
+            found = self.fs.ls(base + "/", detail=False)
+        names = [self.relative(str(f)) for f in found]
+        return sorted(n for n in names if n and not n.startswith(STAGING + "/") and n != STAGING)
+
+    def walk_files(self, rel: str = "") -> Iterator[tuple[str, int]]:
+        """(relative name, size) of every file under ``rel``."""
+        base = self.full(rel) if rel else self.root
+        if not self.fs.exists(base):
+            return
+        for full, info in sorted(self.fs.find(base + "/", withdirs=False, detail=True).items()):
+            name = self.relative(str(full))
+            if not name.startswith(STAGING + "/"):
+                yield name, int(info.get("size") or 0)
+
+    def usage(self) -> int:
+        """Bytes stored in this bucket (staging included: it counts against the quota too)."""
+        if not self.fs.exists(self.root):
+            return 0
+        return sum(int(i.get("size") or 0) for i in self.fs.find(self.root + "/", detail=True).values())
+
+    # ------------------------------------------------------------------------------- writing
+    def check_quota(self, extra: int) -> None:
+        used = self.usage()
+        if used + extra > self.config.quota_bytes:
+            raise QuotaExceededError(
+                f"writing {_human(extra)} would exceed the storage quota of {_human(self.config.quota_bytes)} "
+                f"for {self.tenant}/{self.term} ({_human(used)} used); delete old checkpoints or files first"
+            )
+
+    def _staging(self) -> str:
+        return f"{self.root}/{STAGING}/{uuid.uuid4().hex}"
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write one object atomically: readers see the old content or the new, never a part."""
+        target = self.full(rel)
+        self.check_quota(len(data))
+        if not self.local:
+            self.fs.pipe_file(target, data)
+            return
+        tmp = self._staging()
+        self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(tmp, target)
+
+    def upload(self, local: Path, rel: str) -> None:
+        """Copy one local file into the bucket, atomically."""
+        target = self.full(rel)
+        self.check_quota(local.stat().st_size)
+        if not self.local:
+            self.fs.put_file(str(local), target)
+            return
+        tmp = self._staging()
+        self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
+        self.fs.put_file(str(local), tmp)
+        self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(tmp, target)
+
+    def download(self, rel: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(self.full(rel), str(local))
+
+    def remove(self, rel: str, recursive: bool = False) -> None:
+        target = self.full(rel)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=recursive)
+
+    # ------------------------------------------------------------------------------- folders
+    def publish_folder(self, local_dir: Path, rel: str) -> dict[str, Any]:
+        """Upload a local folder to ``rel`` and write its manifest marker last.
+
+        Returns the manifest: every file's relative name, size and sha256.
+        """
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        if any(p.is_symlink() for p in local_dir.rglob("*")):
+            raise StorageError(f"{local_dir} contains links; publish real files only")
+        self.check_quota(sum(p.stat().st_size for p in files))
+        if self.exists(f"{rel}/{MARKER}"):
+            raise StorageError(f"'{rel}' is already published")
+        manifest: dict[str, Any] = {"files": {}}
+        for path in files:
+            name = path.relative_to(local_dir).as_posix()
+            manifest["files"][name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            self.upload(path, f"{rel}/{name}")
+        self.write_bytes(f"{rel}/{MARKER}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        return manifest
+
+    def is_published(self, rel: str) -> bool:
+        """True when the folder's marker exists and every file it lists has the listed size."""
+        try:
+            manifest = json.loads(self.read_bytes(f"{rel}/{MARKER}"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        sizes = dict(self.walk_files(rel))
+        return all(sizes.get(f"{normalise_bucket_path(rel)}/{n}") == f["size"] for n, f in manifest["files"].items())
+
+    # ------------------------------------------------------------------------------- Ray
+    def ray_storage(self, rel: str) -> tuple[str, Any]:
+        """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` under ``rel``."""
+        import pyarrow.fs as pafs
+
+        path = self.full(rel)
+        if self.local:
+            os.makedirs(path, exist_ok=True)
+            return path, pafs.LocalFileSystem()
+        cfg = self.config
+        s3 = pafs.S3FileSystem(
+            access_key=cfg.access_key_id,
+            secret_key=cfg.secret_access_key,
+            region=cfg.region or "us-east-1",
+            endpoint_override=cfg.endpoint_url,
+            scheme="http" if (cfg.endpoint_url or "").startswith("http://") else "https",
+        )
+        return path, s3
