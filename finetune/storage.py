@@ -116,12 +116,18 @@ class Bucket:
         self.fs = fs or config.filesystem()
         self.local = config.protocol == "file"
         self.root = f"{config.base_path()}/{tenant}/{term}"
-        if self.local:
-            os.makedirs(self.root, exist_ok=True)
 
     @classmethod
     def for_tenant(cls, settings: Settings, tenant: str, term: str) -> Bucket:
         return cls(StorageConfig.from_settings(settings), tenant, term)
+
+    @classmethod
+    def folder(cls, path: Path, quota_bytes: int = DEFAULT_QUOTA_BYTES) -> Bucket:
+        """A plain local folder used as a bucket: the CLI's ``--bucket`` for local runs."""
+        resolved = Path(path).resolve()
+        bucket = cls(StorageConfig(url=resolved.parent.as_uri(), quota_bytes=quota_bytes), "local", "local")
+        bucket.root = resolved.as_posix()
+        return bucket
 
     def __repr__(self) -> str:
         return f"Bucket({self.config.protocol}://{self.root})"

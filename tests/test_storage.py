@@ -131,9 +131,20 @@ def test_links_out_of_a_local_bucket_are_refused(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text("not yours")
+    bucket.write_bytes("keep.txt", b"x")
     os.symlink(outside, bucket.local_path("data"))
     with pytest.raises(PathEscapeError, match="leads outside your bucket through a link"):
         bucket.read_bytes("data/secret.txt")
     os.symlink(tmp_path / "buckets" / "t10", bucket.local_path("neighbour"))
     with pytest.raises(PathEscapeError):
         bucket.exists("neighbour")
+
+
+def test_a_plain_folder_can_act_as_the_bucket(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    bucket = Bucket.folder(tmp_path)
+    assert bucket.list(recursive=True) == ["data/train.jsonl"]
+    assert bucket.local_path("data/train.jsonl") == tmp_path / "data" / "train.jsonl"
+    with pytest.raises(PathEscapeError):
+        bucket.read_bytes("../outside")
