@@ -21,7 +21,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The schema is rendered by a real form library (rjsf) in the tests: Node.js and its packages.
+tests/form/node_modules: tests/form/package.json tests/form/package-lock.json
+	npm ci --prefix tests/form --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: lint tests/form/node_modules
 	$(BIN)/python -m pytest -q
 
 # Regenerate recipes/schema.json from the Recipe model.

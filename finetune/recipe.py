@@ -39,6 +39,8 @@ def _bucket_path(value: str) -> str:
 class CustomModel(Section):
     """A model the tenant uploaded to their bucket; trained only after origin review."""
 
+    model_config = ConfigDict(title="Your own model")
+
     path: str = Field(
         title="Model folder",
         description="Folder inside your bucket holding the model in Hugging Face format (safetensors only).",
@@ -56,8 +58,33 @@ class CustomModel(Section):
     _path = field_validator("path")(_bucket_path)
 
 
+def _model_choice_schema(schema: dict[str, Any]) -> None:
+    """Show the form a choice: an approved model (``id``) or your own (``custom``), never neither."""
+    props = schema.pop("properties")
+    schema.pop("type", None)
+    schema["oneOf"] = [
+        {
+            "title": "Approved model",
+            "type": "object",
+            "properties": {"id": props["id"], "tiny": props["tiny"]},
+            "required": ["id"],
+            "additionalProperties": False,
+        },
+        {
+            "title": "Your own model",
+            "type": "object",
+            "properties": {"custom": props["custom"], "tiny": props["tiny"]},
+            "required": ["custom"],
+            "additionalProperties": False,
+        },
+    ]
+    schema.pop("additionalProperties", None)
+
+
 class ModelSection(Section):
     """Which model to fine-tune."""
+
+    model_config = ConfigDict(title="Model", json_schema_extra=_model_choice_schema)
 
     id: str | None = Field(
         default=None,
@@ -89,6 +116,8 @@ DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "text", "preferen
 class FieldMapping(Section):
     """Column names in your dataset, when they differ from the format's usual names."""
 
+    model_config = ConfigDict(title="Column names")
+
     messages: str = Field(
         default="messages", title="Messages column", description="List of chat messages (messages format)."
     )
@@ -112,6 +141,8 @@ class FieldMapping(Section):
 class EvalSplit(Section):
     """Data held out to measure progress."""
 
+    model_config = ConfigDict(title="Evaluation data")
+
     fraction: float = Field(
         default=0.05,
         ge=0.0,
@@ -134,6 +165,8 @@ class EvalSplit(Section):
 class BadRows(Section):
     """Rows that cannot be used are always reported; this decides whether the job goes on."""
 
+    model_config = ConfigDict(title="Bad rows")
+
     policy: Literal["fail", "skip"] = Field(
         default="skip",
         title="Bad rows",
@@ -150,6 +183,8 @@ class BadRows(Section):
 
 class DataSection(Section):
     """Your training data and how it becomes training sequences."""
+
+    model_config = ConfigDict(title="Data")
 
     path: str = Field(
         title="Dataset",
@@ -203,25 +238,36 @@ class DataSection(Section):
 
 # ------------------------------------------------------------------------------------ method
 
+_READ_ONLY: dict[str, Any] = {"readOnly": True}
+#: Each method names its type, so a form validator can tell the variants apart by it alone.
+_TYPE_REQUIRED: dict[str, Any] = {"required": ["type"]}
+
 
 class FullMethod(Section):
     """Update every weight of the model: most capable, needs the most GPU memory."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, title="Full fine-tuning")
-    type: Literal["full"] = Field(default="full", title="Method", description="Update every weight of the model.")
+    model_config = ConfigDict(title="Full fine-tuning", json_schema_extra=_TYPE_REQUIRED)
+    type: Literal["full"] = Field(
+        default="full", title="Method", description="Update every weight of the model.", json_schema_extra=_READ_ONLY
+    )
 
 
 class LoraMethod(Section):
     """Train small low-rank adapters beside frozen weights: fast, little memory, small archive."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, title="LoRA")
-    type: Literal["lora"] = Field(default="lora", title="Method", description="Train small adapter matrices (LoRA).")
+    model_config = ConfigDict(title="LoRA", json_schema_extra=_TYPE_REQUIRED)
+    type: Literal["lora"] = Field(
+        default="lora", title="Method", description="Train small adapter matrices (LoRA).", json_schema_extra=_READ_ONLY
+    )
     rank: int = Field(default=16, ge=1, le=512, title="Rank", description="Adapter size. 8-64 suits most tasks.")
     alpha: int = Field(
         default=32, ge=1, le=4096, title="Alpha", description="Adapter scaling; commonly twice the rank."
     )
     dropout: float = Field(default=0.05, ge=0.0, le=0.5, title="Dropout", description="Dropout on the adapter input.")
-    target_modules: Literal["all-linear"] | list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]] = Field(
+    target_modules: (
+        Annotated[Literal["all-linear"], Field(title="All linear layers", json_schema_extra=_READ_ONLY)]
+        | Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]], Field(title="Listed modules")]
+    ) = Field(
         default="all-linear",
         title="Target modules",
         description="'all-linear' (every linear projection of the model), or a list of module names such as q_proj.",
@@ -239,9 +285,12 @@ class LoraMethod(Section):
 class QloraMethod(LoraMethod):
     """LoRA over a 4-bit quantised copy of the model: the least memory. CUDA GPUs only."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, title="QLoRA")
+    model_config = ConfigDict(title="QLoRA", json_schema_extra=_TYPE_REQUIRED)
     type: Literal["qlora"] = Field(  # type: ignore[assignment]
-        default="qlora", title="Method", description="LoRA on a 4-bit quantised model: least memory (CUDA GPUs only)."
+        default="qlora",
+        title="Method",
+        description="LoRA on a 4-bit quantised model: least memory (CUDA GPUs only).",
+        json_schema_extra=_READ_ONLY,
     )
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", title="4-bit type", description="nf4 suits most models.")
     double_quant: bool = Field(
@@ -259,6 +308,8 @@ METHOD_TYPES = ("full", "lora", "qlora")
 class EarlyStopping(Section):
     """Stop when the evaluation loss stops improving."""
 
+    model_config = ConfigDict(title="Early stopping")
+
     patience: int | None = Field(
         default=None,
         ge=1,
@@ -271,6 +322,8 @@ class EarlyStopping(Section):
 
 class TrainingSection(Section):
     """How long and how fast the model learns."""
+
+    model_config = ConfigDict(title="Training")
 
     epochs: float = Field(default=3.0, gt=0.0, le=100.0, title="Epochs", description="Passes over the training data.")
     max_steps: int | None = Field(
@@ -355,6 +408,8 @@ class TrainingSection(Section):
 class ResourcesSection(Section):
     """GPUs and memory strategy."""
 
+    model_config = ConfigDict(title="Resources")
+
     gpus: int = Field(
         default=1,
         ge=1,
@@ -377,6 +432,8 @@ class ResourcesSection(Section):
 class OutputSection(Section):
     """What the job leaves in your bucket."""
 
+    model_config = ConfigDict(title="Output")
+
     archive: Literal["merged", "adapter", "both"] = Field(
         default="merged",
         title="Archive contents",
@@ -390,9 +447,11 @@ class OutputSection(Section):
 class Recipe(Section):
     """A fine-tuning job, as a tenant describes it."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, title="Fine-tuning recipe")
+    model_config = ConfigDict(title="Fine-tuning recipe")
 
-    version: Literal[1] = Field(default=1, title="Recipe version", description="Always 1 for now.")
+    version: Literal[1] = Field(
+        default=1, title="Recipe version", description="Always 1 for now.", json_schema_extra={"readOnly": True}
+    )
     name: str | None = Field(default=None, title="Job name", description="A label for this job.", max_length=120)
     model: ModelSection = Field(title="Model")
     data: DataSection = Field(title="Data")

@@ -56,17 +56,19 @@ def _walk_properties(schema):
 
 def test_every_setting_has_title_description_default_and_bounds():
     schema = recipe_json_schema()
+    defs = schema["$defs"]
     problems = []
     for path, prop, required in _walk_properties(schema):
-        if "title" not in prop:
+        target = defs[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else prop
+        if "title" not in prop and "title" not in target:
             problems.append(f"{path}: no title")
+        if "description" not in prop and "description" not in target:
+            problems.append(f"{path}: no description")
         if required:
             continue
-        if "default" not in prop:
+        optional = "type" in prop and "default" not in prop  # unset unless given: an empty input in a form
+        if "default" not in prop and not optional:
             problems.append(f"{path}: no default")
-        described = "description" in prop or "$ref" in prop or "oneOf" in prop
-        if not described and path.split(".")[-1] not in {"type"}:
-            problems.append(f"{path}: no description")
         kinds = [prop.get("type")] + [a.get("type") for a in prop.get("anyOf", [])]
         if (
             ("integer" in kinds or "number" in kinds)
@@ -77,16 +79,39 @@ def test_every_setting_has_title_description_default_and_bounds():
     assert problems == []
 
 
+def test_optional_settings_are_plain_inputs_not_null_choices():
+    text = json.dumps(recipe_json_schema())
+    assert '{"type": "null"}' not in text
+    training = recipe_json_schema()["$defs"]["TrainingSection"]["properties"]
+    assert training["learning_rate"] == {
+        "description": training["learning_rate"]["description"],
+        "exclusiveMinimum": 0.0,
+        "maximum": 0.01,
+        "title": "Learning rate",
+        "type": "number",
+    }
+    assert "max_steps" not in recipe_json_schema()["properties"]["training"]["default"]
+
+
+def test_model_is_a_choice_between_an_approved_and_an_own_model():
+    model = recipe_json_schema()["$defs"]["ModelSection"]
+    assert [(o["title"], o["required"]) for o in model["oneOf"]] == [
+        ("Approved model", ["id"]),
+        ("Your own model", ["custom"]),
+    ]
+
+
 def test_method_union_is_renderable_as_a_choice():
     schema = recipe_json_schema()
     method = schema["properties"]["method"]
-    assert method["discriminator"]["propertyName"] == "type"
+    assert method["discriminator"] == {"propertyName": "type"}
     assert method["default"]["type"] == "lora"
     titles = {}
     for ref in method["oneOf"]:
         variant = schema["$defs"][ref["$ref"].rsplit("/", 1)[-1]]
         titles[variant["properties"]["type"]["const"]] = variant["title"]
         assert variant["additionalProperties"] is False
+        assert variant["required"] == ["type"]
     assert titles == {"full": "Full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
 
 
