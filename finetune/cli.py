@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -140,6 +141,37 @@ def cmd_models_materialize(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------ data
+
+
+def cmd_data_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.data.pipeline import prepare
+    from finetune.loading import load_tokenizer, model_folder
+    from finetune.storage import Bucket
+    from finetune.validate import load_recipe
+
+    registry = _registry(settings)
+    recipe_path = Path(args.recipe)
+    recipe = load_recipe(recipe_path, registry)
+    bucket = Bucket.folder(Path(args.bucket) if args.bucket else recipe_path.parent)
+    folder = model_folder(recipe, registry, settings.store_path, bucket)
+    entry = registry.get(recipe.model.id) if recipe.model.id else None
+    prepared = prepare(
+        recipe,
+        bucket,
+        load_tokenizer(folder),
+        model_dir=folder,
+        eot=entry.chat.eot if entry is not None and entry.chat is not None else None,
+        cache_dir=None if args.no_cache else settings.data_dir / "cache" / "data",
+        workers=args.workers,
+    )
+    if args.json:
+        _print_json(prepared.report.as_dict())
+    else:
+        print("\n".join(prepared.report.summary_lines()))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -183,7 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", help="output folder (default: the model store's tiny-random folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_models_materialize)
+
+    data = sub.add_parser("data", help="the dataset pipeline")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    p = dsub.add_parser("inspect", help="read, check, tokenise and pack a recipe's dataset; report on it")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--bucket", help="folder acting as your bucket (default: the recipe's folder)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--no-cache", action="store_true", help="prepare again even if a cached result exists")
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes")
+    p.set_defaults(func=cmd_data_inspect)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from the Hugging Face libraries: the CLI prints its own report."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        _quiet_libraries()
     func: Callable[[argparse.Namespace, Settings], int] = args.func
     try:
         return func(args, get_settings())

@@ -1,0 +1,303 @@
+"""From a recipe's data section to training rows: read, check, split, tokenise, pack, cache.
+
+Every row is accounted for in the :class:`~finetune.data.report.DataReport`: used, refused with
+a located reason, dropped or truncated for length. The recipe's bad-row policy decides whether
+refused rows fail the job; a sample too long under ``truncation: fail`` always does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.data.cache import cache_key, files_digest, load_entry, save_entry, tokenizer_digest
+from finetune.data.formats import DETECT_ROWS, detect_format, to_sample
+from finetune.data.packing import pack, packing_efficiency
+from finetune.data.readers import read_rows
+from finetune.data.report import DataReport, length_histogram, length_stats
+from finetune.data.tokenize import Dropped, TooLong, render_trained, tokenize_sample
+from finetune.data.types import PackedRow, Row, RowProblem, Sample, TokenizedSample
+from finetune.errors import Issue, IssuesError
+from finetune.recipe import DataSection, Recipe
+from finetune.storage import Bucket
+
+logger = logging.getLogger(__name__)
+
+#: Samples per task handed to a tokenising process.
+_CHUNK = 256
+
+
+class DataError(IssuesError):
+    """The dataset cannot be used as the recipe says (too many bad rows, a sample too long...)."""
+
+
+@dataclass
+class PreparedData:
+    """Training and evaluation rows (packed or not) and the report that accounts for them."""
+
+    train: Sequence[Any]
+    eval: Sequence[Any]
+    report: DataReport
+
+
+def problem_issue(problem: RowProblem | Dropped) -> Issue:
+    """A row problem as a located :class:`Issue` (``file:line`` split when there is a line)."""
+    file, _, tail = problem.where.rpartition(":")
+    line = int(tail) if file and tail.isdigit() else None
+    return Issue(getattr(problem, "field", None) or "", problem.reason, file=file if line else problem.where, line=line)
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def _local_files(bucket: Bucket, rel: str, scratch: Path | None) -> tuple[Path, list[tuple[str, Path]]]:
+    """A local path for ``rel`` (downloaded to ``scratch`` from remote buckets) and its files."""
+    if not bucket.exists(rel):
+        raise DataError([Issue("data.path", f"'{rel}' does not exist in your bucket")], "dataset not found")
+    if bucket.local:
+        path = bucket.local_path(rel)
+    else:
+        if scratch is None:
+            raise DataError([Issue("data.path", "a remote bucket needs a scratch folder")], "dataset not readable")
+        path = scratch / rel
+        names = [n for n, _ in bucket.walk_files(rel)] if bucket.isdir(rel) else [rel]
+        for name in names:
+            bucket.download(name, scratch / name)
+    files = [(p.relative_to(path).as_posix() or p.name, p) for p in sorted(path.rglob("*")) if p.is_file()]
+    return path, files if path.is_dir() else [(path.name, path)]
+
+
+def read_samples(
+    path: Path, display: str, data: DataSection, report: DataReport
+) -> tuple[list[Sample], list[RowProblem]]:
+    """Rows of one file or folder as samples, and the rows refused (exact duplicates included).
+
+    Counts go to the report as they are found.
+    """
+    rows: list[Row] = []
+    problems: list[RowProblem] = []
+    for item in read_rows(path, display):
+        (rows if isinstance(item, Row) else problems).append(item)  # type: ignore[arg-type]
+    report.rows_read += len(rows) + len(problems)
+    fmt = data.format
+    if fmt == "auto" and rows:
+        fmt, report.format_reason = detect_format(rows[:DETECT_ROWS], data.fields)
+    elif not report.format_reason:
+        report.format_reason = "set in the recipe"
+    report.format = fmt
+    samples: list[Sample] = []
+    seen: dict[str, str] = {}
+    for row in rows:
+        result = to_sample(row, fmt, data.fields, data.system_prompt) if fmt != "auto" else None
+        if isinstance(result, RowProblem) or result is None:
+            problems.append(result or RowProblem(row.where, "format unknown"))
+            continue
+        key = json.dumps([result.kind, [(m.role, m.content) for m in result.messages], result.text,
+                          result.chosen, result.rejected], ensure_ascii=False)  # fmt: skip
+        if key in seen:
+            problems.append(RowProblem(row.where, f"exact duplicate of {seen[key]}"))
+            report.duplicates += 1
+            continue
+        seen[key] = row.where
+        samples.append(result)
+    problems.sort(key=_file_order)
+    report.add_problems(problems)
+    return samples, problems
+
+
+def _file_order(problem: RowProblem) -> tuple[str, int, str]:
+    file, _, tail = problem.where.rpartition(":")
+    digits = "".join(ch for ch in tail if ch.isdigit())
+    return (file, int(digits), tail) if file and digits else (problem.where, 0, "")
+
+
+def check_bad_rows(data: DataSection, report: DataReport, problems: Iterable[RowProblem]) -> None:
+    """Apply the recipe's bad-row policy to the problems found so far (counted in the report)."""
+    listed = list(problems)
+    total = report.rows_read
+    if report.problems_total == 0:
+        return
+    fraction = report.problems_total / max(total, 1)
+    policy = data.bad_rows
+    if policy.policy == "fail" or fraction > policy.max_fraction:
+        why = (
+            "the bad-row policy is 'fail'"
+            if policy.policy == "fail"
+            else f"{fraction:.1%} of rows are bad, more than the {policy.max_fraction:.1%} allowed"
+        )
+        raise DataError(
+            [problem_issue(p) for p in listed[:50]],
+            f"{report.problems_total} of {total} rows cannot be used and {why}; "
+            "fix the rows listed, or change data.bad_rows",
+        )
+
+
+def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A deterministic train/eval split: the same seed and rows give the same split."""
+    if fraction <= 0 or len(samples) < 2:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(samples) - 1, max(1, round(fraction * len(samples))))
+    held = set(order[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+# ------------------------------------------------------------------------------- tokenising
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, options: dict[str, Any]) -> None:
+    _WORKER["tokenizer"], _WORKER["options"] = tokenizer, options
+
+
+def _tokenize_chunk(samples: list[Sample]) -> list[Any]:
+    return [tokenize_sample(s, _WORKER["tokenizer"], **_WORKER["options"]) for s in samples]
+
+
+def tokenize_all(samples: list[Sample], tokenizer: Any, options: dict[str, Any], workers: int = 1) -> list[Any]:
+    """Tokenise samples in order, in ``workers`` processes when more than one."""
+    if workers <= 1 or len(samples) < 2 * _CHUNK:
+        return [tokenize_sample(s, tokenizer, **options) for s in samples]
+    chunks = [samples[i : i + _CHUNK] for i in range(0, len(samples), _CHUNK)]
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer, options)) as pool:
+        return [r for chunk in pool.map(_tokenize_chunk, chunks) for r in chunk]
+
+
+def _sort_results(results: list[Any], report: DataReport) -> tuple[list[TokenizedSample], list[RowProblem]]:
+    kept: list[TokenizedSample] = []
+    problems: list[RowProblem] = []
+    too_long: list[TooLong] = []
+    for r in results:
+        if isinstance(r, TokenizedSample):
+            kept.append(r)
+            report.truncated += int(r.truncated)
+        elif isinstance(r, Dropped):
+            report.dropped += 1
+        elif isinstance(r, TooLong):
+            too_long.append(r)
+        else:
+            problems.append(r)
+    if too_long:
+        raise DataError(
+            [problem_issue(p) for p in too_long[:50]],
+            f"{len(too_long)} sample(s) are longer than data.max_seq_len and data.truncation is 'fail'",
+        )
+    return kept, problems
+
+
+# ------------------------------------------------------------------------------- the whole path
+
+
+def _settings_key(recipe: Recipe) -> dict[str, Any]:
+    return {"data": recipe.data.model_dump(mode="json"), "seed": recipe.training.seed}
+
+
+def prepare(
+    recipe: Recipe,
+    bucket: Bucket,
+    tokenizer: Any,
+    *,
+    model_dir: Path | None = None,
+    eot: str | None = None,
+    cache_dir: Path | None = None,
+    scratch: Path | None = None,
+    workers: int = 1,
+) -> PreparedData:
+    """Prepare the recipe's dataset for training, from the cache when nothing changed.
+
+    Raises:
+        DataError: the dataset is missing, no format fits, too many rows are bad, or a sample is
+            too long under ``truncation: fail``; each problem located.
+    """
+    data = recipe.data
+    path, files = _local_files(bucket, data.path, scratch)
+    eval_files: list[tuple[str, Path]] = []
+    eval_path = None
+    if data.eval.path:
+        eval_path, eval_files = _local_files(bucket, data.eval.path, scratch)
+    key = ""
+    if cache_dir is not None and model_dir is not None:
+        digest = files_digest([("train/" + n, p) for n, p in files] + [("eval/" + n, p) for n, p in eval_files])
+        key = cache_key(digest, tokenizer_digest(model_dir), _settings_key(recipe))
+        cached = load_entry(cache_dir / key)
+        if cached is not None:
+            splits, report_data = cached
+            report = DataReport.from_dict(report_data)
+            report.cache_hit = True
+            return PreparedData(splits.get("train", []), splits.get("eval", []), report)
+    prepared = _prepare_uncached(recipe, path, files, eval_path, tokenizer, eot, workers)
+    prepared.report.cache_key = key
+    if key and cache_dir is not None:
+        save_entry(cache_dir / key, {"train": prepared.train, "eval": prepared.eval}, prepared.report.as_dict())
+    return prepared
+
+
+def _prepare_uncached(
+    recipe: Recipe,
+    path: Path,
+    files: list[tuple[str, Path]],
+    eval_path: Path | None,
+    tokenizer: Any,
+    eot: str | None,
+    workers: int,
+) -> PreparedData:
+    data = recipe.data
+    report = DataReport(dataset=data.path, files=[n for n, _ in files], bad_row_policy=_policy_text(data))
+    report.truncation, report.max_seq_len, report.packing = data.truncation, data.max_seq_len, data.packing
+    samples, problems = read_samples(path, data.path, data, report)
+    if eval_path is not None and data.eval.path:
+        held, eval_problems = read_samples(eval_path, data.eval.path, data, report)
+        train, problems = samples, problems + eval_problems
+        report.eval_source = f"file {data.eval.path}"
+    else:
+        train, held = split(samples, data.eval.fraction, recipe.training.seed)
+        report.eval_source = f"{data.eval.fraction:.0%} held out (seed {recipe.training.seed})"
+    if report.rows_read == 0:
+        raise DataError([Issue("data.path", f"'{data.path}' holds no rows")], "the dataset is empty")
+    check_bad_rows(data, report, problems)
+    options = {
+        "max_seq_len": data.max_seq_len,
+        "truncation": data.truncation,
+        "train_on_inputs": data.train_on_inputs,
+        "assistant_turns": data.assistant_turns,
+        "eot": eot,
+    }
+    train_tok, train_problems = _sort_results(tokenize_all(train, tokenizer, options, workers), report)
+    eval_tok, eval_problems = _sort_results(tokenize_all(held, tokenizer, options, workers), report)
+    report.add_problems(train_problems + eval_problems)
+    check_bad_rows(data, report, problems + train_problems + eval_problems)
+    if not train_tok:
+        raise DataError([Issue("data.path", "no sample is left to train on")], "nothing to train on")
+    report.rows_used = len(train_tok) + len(eval_tok)
+    report.train_samples, report.eval_samples = len(train_tok), len(eval_tok)
+    lengths = [len(s) for s in train_tok]
+    report.tokens_train = sum(lengths)
+    report.trained_tokens_train = sum(s.trained_tokens for s in train_tok)
+    report.tokens_eval = sum(len(s) for s in eval_tok)
+    report.lengths = length_stats(lengths)
+    report.histogram = length_histogram(lengths, data.max_seq_len)
+    report.sample = render_trained(train_tok[0], tokenizer)
+    train_rows: Sequence[Any] = train_tok
+    eval_rows: Sequence[Any] = eval_tok
+    if data.packing:
+        train_rows, eval_rows = pack(train_tok, data.max_seq_len), pack(eval_tok, data.max_seq_len)
+        report.packed_rows_train, report.packed_rows_eval = len(train_rows), len(eval_rows)
+        report.packing_efficiency = round(packing_efficiency(train_rows, data.max_seq_len), 4)
+    return PreparedData(train_rows, eval_rows, report)
+
+
+def _policy_text(data: DataSection) -> str:
+    if data.bad_rows.policy == "fail":
+        return "fail on any bad row"
+    return f"skip, fail above {data.bad_rows.max_fraction:.1%}"
+
+
+__all__ = ["DataError", "PackedRow", "PreparedData", "prepare", "read_samples", "split", "tokenize_all"]

@@ -1,0 +1,69 @@
+"""From a validated recipe to the model folder and tokenizer it names, offline.
+
+Approved models come from the model store (imported beforehand); a recipe with ``tiny: true``
+gets a tiny random-weight model of the same architecture, built here on first use (it needs no
+download, so it is always available). Loading is local-only, safetensors-only, no remote code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import FinetuneError, ModelStoreError
+from finetune.modelstore import TINY_REVISION, model_dir, resolve_model
+from finetune.offline import LOAD_KWARGS
+from finetune.recipe import Recipe
+from finetune.registry import Registry
+from finetune.storage import Bucket
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_tiny(registry: Registry, model_id: str, store: Path) -> Path:
+    """The tiny random-weight model of an approved entry, materialised in the store if missing."""
+    from finetune.tiny import materialize_tiny
+
+    entry = registry.get(model_id)
+    if entry is None:
+        raise ModelStoreError(f"'{model_id}' is not in the registry")
+    dest = model_dir(store, model_id, TINY_REVISION)
+    if not (dest / "config.json").is_file():
+        logger.info("building tiny random-weight %s in %s", model_id, dest)
+        try:
+            materialize_tiny(entry, registry.chat_template(entry), dest)
+        except FinetuneError:
+            if not (dest / "config.json").is_file():  # not just another process publishing it first
+                raise
+    return resolve_model(registry, model_id, store, tiny=True)
+
+
+def model_folder(recipe: Recipe, registry: Registry, store: Path, bucket: Bucket | None = None) -> Path:
+    """The local folder of the recipe's model.
+
+    Raises:
+        ModelStoreError: the model is not in the store (with the command that puts it there), or
+            a custom model is not where the recipe says in the bucket.
+    """
+    if recipe.model.custom is not None:
+        rel = recipe.model.custom.path
+        if bucket is None or not bucket.local:
+            raise ModelStoreError("custom models are read from a local bucket; copy the model folder there first")
+        if not bucket.exists(f"{rel}/config.json"):
+            raise ModelStoreError(f"no model folder at '{rel}' in your bucket (config.json not found)")
+        return bucket.local_path(rel)
+    if recipe.model.id is None:
+        raise ModelStoreError("the recipe names no model")
+    if recipe.model.tiny:
+        return ensure_tiny(registry, recipe.model.id, store)
+    return resolve_model(registry, recipe.model.id, store)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a local model folder, with its chat template; never from a hub."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return AutoTokenizer.from_pretrained(str(folder), **LOAD_KWARGS)

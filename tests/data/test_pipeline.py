@@ -1,0 +1,157 @@
+"""The whole data path: read, check, split, tokenise, pack, cache, report; on file:// and S3."""
+
+import io
+import json
+import uuid
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from finetune.cli import main
+from finetune.data.pipeline import DataError, prepare, split
+from finetune.data.types import IGNORE_INDEX, PackedRow, Sample
+from finetune.loading import ensure_tiny, load_tokenizer
+from finetune.recipe import Recipe
+from finetune.registry import Registry
+from finetune.settings import get_settings
+from finetune.storage import Bucket, StorageConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    registry = Registry.load(get_settings().registry)
+    return ensure_tiny(registry, MODEL, tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return load_tokenizer(model_dir)
+
+
+def chat(q: str, a: str) -> str:
+    return json.dumps(
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}, ensure_ascii=False
+    )
+
+
+def make_recipe(**data) -> Recipe:
+    return Recipe.model_validate(
+        {"model": {"id": MODEL, "tiny": True}, "data": {"path": "data/train.jsonl", "max_seq_len": 256, **data}}
+    )
+
+
+def write(bucket_dir: Path, lines: list[str], name: str = "data/train.jsonl") -> None:
+    path = bucket_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+GOOD = [chat(f"問題 {i}：{i} 加 {i} 是多少？", f"答案是 {2 * i}。") for i in range(60)]
+
+
+def test_prepare_packs_reports_and_caches(tmp_path, tokenizer, model_dir):
+    write(tmp_path, GOOD)
+    recipe, bucket, cache = make_recipe(eval={"fraction": 0.1}), Bucket.folder(tmp_path), tmp_path / "cache"
+    first = prepare(recipe, bucket, tokenizer, model_dir=model_dir, cache_dir=cache, eot="<|im_end|>")
+    report = first.report
+    assert (report.rows_read, report.rows_used, report.problems_total) == (60, 60, 0)
+    assert (report.train_samples, report.eval_samples) == (54, 6)
+    assert report.format == "messages" and "messages" in report.format_reason
+    assert all(isinstance(r, PackedRow) and len(r) <= 256 for r in first.train)
+    assert sum(len(r) for r in first.train) == report.tokens_train
+    assert 0 < report.packing_efficiency <= 1 and report.cache_hit is False
+    assert "[[答案是" in report.sample and "<|im_end|>]]" in report.sample
+    second = prepare(recipe, bucket, tokenizer, model_dir=model_dir, cache_dir=cache, eot="<|im_end|>")
+    assert second.report.cache_hit and second.report.cache_key == report.cache_key
+    assert [list(r["input_ids"]) for r in second.train] == [r.input_ids for r in first.train]
+    write(tmp_path, GOOD[:-1])  # the data changed: the cache entry no longer applies
+    third = prepare(recipe, bucket, tokenizer, model_dir=model_dir, cache_dir=cache, eot="<|im_end|>")
+    assert not third.report.cache_hit and third.report.rows_read == 59
+
+
+def test_bad_rows_are_skipped_within_the_allowance_and_fail_beyond_it(tmp_path, tokenizer):
+    lines = GOOD + ['{"messages": [{"role": "user", "content": "no answer"}]}', GOOD[0], "{broken"]
+    write(tmp_path, lines)
+    ok = prepare(make_recipe(bad_rows={"max_fraction": 0.05}), Bucket.folder(tmp_path), tokenizer)
+    assert ok.report.problems_total == 3 and ok.report.duplicates == 1
+    assert ok.report.problems == [  # in file order
+        "data/train.jsonl:61: messages: no assistant turn",
+        "data/train.jsonl:62: exact duplicate of data/train.jsonl:1",
+        "data/train.jsonl:63: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+    ]
+    with pytest.raises(DataError) as exc:
+        prepare(make_recipe(), Bucket.folder(tmp_path), tokenizer)
+    assert "3 of 63 rows cannot be used and 4.8% of rows are bad, more than the 1.0% allowed" in str(exc.value)
+    located = {(i.file, i.line) for i in exc.value.issues}
+    assert located == {("data/train.jsonl", 61), ("data/train.jsonl", 62), ("data/train.jsonl", 63)}
+    with pytest.raises(DataError, match="the bad-row policy is 'fail'"):
+        prepare(make_recipe(bad_rows={"policy": "fail", "max_fraction": 0.5}), Bucket.folder(tmp_path), tokenizer)
+
+
+def test_long_samples_follow_the_truncation_policy(tmp_path, tokenizer):
+    long = chat("x " * 10, "很長的回答。" * 200)
+    write(tmp_path, GOOD[:20] + [long])
+    dropped = prepare(make_recipe(truncation="drop", packing=False), Bucket.folder(tmp_path), tokenizer)
+    assert dropped.report.dropped == 1 and dropped.report.train_samples == 19
+    cut = prepare(make_recipe(truncation="truncate", packing=False), Bucket.folder(tmp_path), tokenizer)
+    assert cut.report.truncated == 1 and max(len(s) for s in cut.train) == 256
+    with pytest.raises(DataError, match="longer than data.max_seq_len and data.truncation is 'fail'") as exc:
+        prepare(make_recipe(truncation="fail"), Bucket.folder(tmp_path), tokenizer)
+    assert [(i.file, i.line) for i in exc.value.issues] == [("data/train.jsonl", 21)]
+
+
+def test_eval_file_and_deterministic_split(tmp_path, tokenizer):
+    write(tmp_path, GOOD[:40])
+    write(tmp_path, GOOD[40:], "data/eval.jsonl")
+    prepared = prepare(make_recipe(eval={"path": "data/eval.jsonl"}), Bucket.folder(tmp_path), tokenizer)
+    assert (prepared.report.train_samples, prepared.report.eval_samples) == (40, 20)
+    assert prepared.report.eval_source == "file data/eval.jsonl"
+    samples = [Sample(f"f:{i}", "text", text=str(i)) for i in range(100)]
+    a, b = split(samples, 0.1, seed=7), split(samples, 0.1, seed=7)
+    assert a == b and len(a[1]) == 10 and split(samples, 0.1, seed=8)[1] != a[1]
+
+
+def test_missing_and_empty_datasets_are_located_errors(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="'data/train.jsonl' does not exist in your bucket"):
+        prepare(make_recipe(), Bucket.folder(tmp_path), tokenizer)
+    write(tmp_path, [""])
+    with pytest.raises(DataError, match="holds no rows"):
+        prepare(make_recipe(), Bucket.folder(tmp_path), tokenizer)
+
+
+def test_dataset_from_an_s3_bucket(tmp_path, tokenizer, s3_server):
+    config = StorageConfig(
+        url=f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}",
+        endpoint_url=s3_server["endpoint_url"],
+        region=s3_server["region"],
+        access_key_id=s3_server["access_key_id"],
+        secret_access_key=s3_server["secret_access_key"],
+    )
+    bucket = Bucket(config, "t1", "2026q1")
+    bucket.write_bytes("data/train.jsonl", ("\n".join(GOOD[:30]) + "\n").encode())
+    prepared = prepare(make_recipe(), bucket, tokenizer, scratch=tmp_path / "scratch")
+    assert prepared.report.rows_used == 30
+
+
+def test_unpacked_rows_keep_labels_and_the_operator_view_has_no_content(tmp_path, tokenizer):
+    write(tmp_path, GOOD[:10])
+    prepared = prepare(make_recipe(packing=False, eval={"fraction": 0}), Bucket.folder(tmp_path), tokenizer)
+    assert all(any(label != IGNORE_INDEX for label in s.labels) for s in prepared.train)
+    ops = prepared.report.for_operators()
+    assert "sample" not in ops and "problems" not in ops and "答案" not in json.dumps(ops, ensure_ascii=False)
+
+
+def test_cli_inspect_quickstart_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(tmp_path))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(["data", "inspect", str(ROOT / "recipes" / "quickstart.yaml"), "--json"])
+    report = json.loads(out.getvalue())
+    assert code == 0
+    assert report["rows_read"] == report["rows_used"] == 52
+    assert report["format"] == "messages" and report["packing"] is True
+    assert report["packing_efficiency"] > 0.5 and report["histogram"]
