@@ -10,11 +10,11 @@ $(BIN)/finetune: pyproject.toml scripts/setup.sh
 
 setup: $(BIN)/finetune
 
-# Validate the quick-start recipe and build its tiny model into the embedded model store.
+# Validate the quick-start recipe, build its tiny model into the embedded model store, and
+# prepare its dataset (read, check, tokenise with the chat template, pack) with a report.
 quickstart: setup
 	$(BIN)/finetune validate recipes/quickstart.yaml
-	$(BIN)/finetune models materialize smollm2-135m-instruct --tiny
-	$(BIN)/finetune models list
+	$(BIN)/finetune data inspect recipes/quickstart.yaml
 
 lint: setup
 	$(BIN)/ruff check .
