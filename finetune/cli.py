@@ -172,6 +172,40 @@ def cmd_data_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------ training
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped after a checkpoint; the same command resumes
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.train.launch import launch, plan_job
+
+    spec, report = plan_job(
+        Path(args.recipe),
+        settings,
+        registry=_registry(settings),
+        output=Path(args.output) if args.output else None,
+        bucket_dir=Path(args.bucket) if args.bucket else None,
+        workers=args.workers,
+        progress=True,
+    )
+    print(f"job folder     {spec.job_dir}")
+    print(
+        f"data           {report['train_samples']} train / {report['eval_samples']} eval samples, "
+        f"{report['tokens_train']:,} tokens, {report['problems_total']} rows refused (data_report.json)"
+    )
+    workers = int(spec.recipe["resources"]["gpus"])
+    launcher = args.launcher if args.launcher != "auto" else ("ray" if workers > 1 else "local")
+    summary = launch(spec, launcher)
+    if summary.get("preempted"):
+        print(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
+        return EXIT_PREEMPTED
+    print(f"done           {summary.get('steps')} steps; final model in {summary.get('final')}")
+    if summary.get("eval"):
+        print(f"eval           loss {summary['eval']['eval_loss']:.4f}, perplexity {summary['eval']['eval_ppl']:.2f}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -215,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", help="output folder (default: the model store's tiny-random folder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_models_materialize)
+
+    p = sub.add_parser("train", help="fine-tune as a recipe says; the same command resumes an interrupted job")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument(
+        "--launcher",
+        choices=["auto", "local", "ray"],
+        default="auto",
+        help="local: one process; ray: Ray Train workers; auto: local for one worker, else ray",
+    )
+    p.add_argument("--workers", type=int, help="workers (GPUs), overriding resources.gpus")
+    p.add_argument("--output", help="job folder (default: <data dir>/jobs/<recipe name>)")
+    p.add_argument("--bucket", help="folder acting as your bucket (default: the recipe's folder)")
+    p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="the dataset pipeline")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

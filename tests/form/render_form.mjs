@@ -254,7 +254,7 @@ for (const pkg of ['react', 'react-dom', '@rjsf/core', '@rjsf/utils', '@rjsf/val
 // Validation on submit: (a) empty, (b) the valid recipe, (c) the valid recipe with gpus 16 and rank 0.
 const invalidRecipe = structuredClone(validRecipe);
 invalidRecipe.resources = { ...(invalidRecipe.resources ?? {}), gpus: 16 };
-invalidRecipe.method = { type: 'lora', ...(invalidRecipe.method ?? {}), rank: 0 };
+invalidRecipe.method = { ...(invalidRecipe.method ?? {}), type: 'lora', rank: 0 };
 report.validation = {};
 for (const [name, data] of Object.entries({ empty: undefined, valid: validRecipe, invalid: invalidRecipe })) {
   const form = mount(data);
