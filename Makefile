@@ -10,11 +10,13 @@ $(BIN)/finetune: pyproject.toml scripts/setup.sh
 
 setup: $(BIN)/finetune
 
-# Validate the quick-start recipe, build its tiny model into the embedded model store, and
-# prepare its dataset (read, check, tokenise with the chat template, pack) with a report.
+# The quick start on embedded defaults: validate the recipe, prepare its dataset with a report
+# (read, check, chat template, labels, packing), then train a tiny model of a registry
+# architecture on CPU; the job folder is finetune-data/jobs/quickstart.
 quickstart: setup
 	$(BIN)/finetune validate recipes/quickstart.yaml
 	$(BIN)/finetune data inspect recipes/quickstart.yaml
+	$(BIN)/finetune train recipes/quickstart.yaml
 
 lint: setup
 	$(BIN)/ruff check .

@@ -17,12 +17,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 from finetune.train.loop import Hooks, LoopState, Worker, as_rows, run_loop
 from finetune.train.metrics import Fanout, JsonlSink, MetricsSink, ProgressSink
 from finetune.train.plan import make_plan
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingError(FinetuneError):
+    """Training stopped on an error a tenant can act on (out of memory, a diverging loss...)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ def _run(spec: JobSpec, recipe: Recipe, worker: Worker, cuda: bool) -> dict[str,
     from finetune.train.checkpoint import load_latest, save_checkpoint
     from finetune.train.final import save_final
     from finetune.train.model import count_parameters
+    from finetune.train.zero import oom_message
 
     job_dir, model_dir = Path(spec.job_dir), Path(spec.model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -176,11 +182,24 @@ def _run(spec: JobSpec, recipe: Recipe, worker: Worker, cuda: bool) -> dict[str,
             rank=worker.rank, world_size=worker.world_size, keep=recipe.output.keep_checkpoints,
         )  # fmt: skip
 
-    state = run_loop(
-        engine, plan, train_rows, eval_rows, pad_id=tokenizer.pad_token_id, worker=worker, sink=sink,
-        hooks=Hooks(save=save), state=state,
-        early_stopping=(recipe.training.early_stopping.patience, recipe.training.early_stopping.min_delta),
-    )  # fmt: skip
+    try:
+        state = run_loop(
+            engine, plan, train_rows, eval_rows, pad_id=tokenizer.pad_token_id, worker=worker, sink=sink,
+            hooks=Hooks(save=save), state=state,
+            early_stopping=(recipe.training.early_stopping.patience, recipe.training.early_stopping.min_delta),
+        )  # fmt: skip
+    except torch.OutOfMemoryError as exc:
+        t = recipe.training
+        message = oom_message(stage, t.micro_batch_size, t.gradient_checkpointing, recipe.resources.offload)
+        if worker.is_main:
+            sink.emit({"kind": "event", "event": "out of memory", "step": state.step, "detail": message})
+            sink.close()
+        raise TrainingError(f"out of memory at step {state.step + 1}: {message}") from exc
+    except FloatingPointError as exc:  # the loss diverged
+        if worker.is_main:
+            sink.emit({"kind": "event", "event": "diverged", "step": state.step, "detail": str(exc)})
+            sink.close()
+        raise TrainingError(str(exc)) from exc
     final = None
     if not state.preempted:
         final = save_final(engine, tokenizer, job_dir / "final", stage=stage, is_main=worker.is_main, eot=spec.eot)
