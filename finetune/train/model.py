@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,24 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += count
     return total, trainable
+
+
+#: Parameters the Hugging Face Trainer exempts from weight decay (``get_decay_parameter_names``):
+#: biases and normalisation weights.
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in AdamW groups as the HF Trainer makes them: biases and norms undecayed."""
+    exempt: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if isinstance(module, torch.nn.LayerNorm) or _NO_DECAY.search(full.lower()):
+                exempt.add(id(param))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in exempt], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if id(p) in exempt], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]  # an empty group upsets ZeRO

@@ -52,6 +52,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_SAVED_ENV: dict[str, str | None] = {}
+
+
 def _forget_deepspeed_groups() -> None:
     """DeepSpeed caches its copies of process groups; after a group is destroyed they are stale."""
     from deepspeed.utils import groups
@@ -72,9 +76,10 @@ def init_process_group(cuda: bool) -> tuple[Worker, bool]:
 
     created = not dist.is_initialized()
     if created:
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ[key] = value
-        os.environ["MASTER_PORT"] = str(_free_port())
+        _SAVED_ENV.clear()
+        _SAVED_ENV.update({key: os.environ.get(key) for key in _GROUP_ENV})
+        values = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        os.environ.update({**values, "MASTER_PORT": str(_free_port())})
         _forget_deepspeed_groups()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -86,9 +91,17 @@ def init_process_group(cuda: bool) -> tuple[Worker, bool]:
 
 
 def close_process_group(created: bool) -> None:
+    """Destroy a group :func:`init_process_group` created, and put its environment back."""
     if created and dist.is_initialized():
         dist.destroy_process_group()
         _forget_deepspeed_groups()
+    if created:
+        for key, value in _SAVED_ENV.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _SAVED_ENV.clear()
 
 
 def _sinks(spec: JobSpec, worker: Worker, total_steps: int) -> MetricsSink:
@@ -100,7 +113,7 @@ def _sinks(spec: JobSpec, worker: Worker, total_steps: int) -> MetricsSink:
     return Fanout(sinks)
 
 
-def _engine(recipe: Recipe, model_dir: Path, plan: Any, worker: Worker, cuda: bool) -> tuple[Any, int, str]:
+def build_engine(recipe: Recipe, model_dir: Path, plan: Any, worker: Worker, cuda: bool) -> tuple[Any, int, str]:
     """The model, wrapped in a DeepSpeed engine with the ZeRO stage chosen for it.
 
     A pinned ZeRO-3 partitions the weights while they load; otherwise the stage is chosen from a
@@ -108,7 +121,7 @@ def _engine(recipe: Recipe, model_dir: Path, plan: Any, worker: Worker, cuda: bo
     """
     import deepspeed
 
-    from finetune.train.model import build_model
+    from finetune.train.model import build_model, optimizer_groups
     from finetune.train.zero import choose_stage_for, deepspeed_config
 
     def config_for(stage: int, bf16: bool) -> dict[str, Any]:
@@ -129,8 +142,8 @@ def _engine(recipe: Recipe, model_dir: Path, plan: Any, worker: Worker, cuda: bo
         seq_len = recipe.data.max_seq_len
         stage, why = choose_stage_for(recipe, model, world_size=worker.world_size, cuda=cuda, seq_len=seq_len)
         config = config_for(stage, next(model.parameters()).dtype == torch.bfloat16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    groups = optimizer_groups(model, recipe.training.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     return engine, stage, why
 
 
@@ -165,7 +178,7 @@ def _run(spec: JobSpec, recipe: Recipe, worker: Worker, cuda: bool) -> dict[str,
     row_tokens = recipe.data.max_seq_len if packed else max(1, prepared.report.tokens_train // max(1, len(train_rows)))
     plan = make_plan(recipe, rows=len(train_rows), world_size=worker.world_size, row_tokens=row_tokens)
     torch.manual_seed(recipe.training.seed)
-    engine, stage, why = _engine(recipe, model_dir, plan, worker, cuda)
+    engine, stage, why = build_engine(recipe, model_dir, plan, worker, cuda)
     total, trainable = count_parameters(engine.module)
     resume = load_latest(job_dir, engine, world_size=worker.world_size)
     state = LoopState(**resume.trainer_state) if resume is not None else LoopState()
