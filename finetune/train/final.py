@@ -32,8 +32,10 @@ def _full_state_dict(module: Any, stage: int, is_main: bool) -> dict[str, torch.
             if is_main:
                 state[name] = param.detach().cpu().clone()
     if is_main:
+        saved = module.state_dict().keys()  # persistent buffers only: not rotary inv_freq and the like
         for name, buf in module.named_buffers():
-            state.setdefault(name, buf.detach().cpu().clone())
+            if name in saved:
+                state.setdefault(name, buf.detach().cpu().clone())
     return state
 
 
