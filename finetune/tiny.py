@@ -289,6 +289,9 @@ def materialize_tiny(entry: ModelEntry, template: str, dest: Path, seed: int = 0
             raise FinetuneError(f"refusing to publish a tiny model that fails the store's checks: {unsafe}")
         os.chmod(tmp, 0o755)
         if dest.exists():
+            if not overwrite:  # another process published the same model meanwhile (same seed, same bytes)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return dest
             shutil.rmtree(dest)
         os.replace(tmp, dest)
     except BaseException:

@@ -72,6 +72,8 @@ def save_entry(folder: Path, splits: dict[str, Sequence[Any]], report: dict[str,
     tmp.mkdir()
     try:
         for split, rows in splits.items():
+            if len(rows) == 0:  # datasets cannot load an empty saved dataset; an absent split reads as empty
+                continue
             Dataset.from_dict(_to_columns(rows)).save_to_disk(str(tmp / split))
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
         if folder.exists():
@@ -91,5 +93,5 @@ def load_entry(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
         return None
     from datasets import load_from_disk
 
-    splits = {p.name: load_from_disk(str(p)) for p in sorted(folder.iterdir()) if p.is_dir()}
+    splits = {p.name: load_from_disk(str(p)) for p in sorted(folder.iterdir()) if p.is_dir() and any(p.glob("*.arrow"))}
     return splits, json.loads(report_path.read_text(encoding="utf-8"))

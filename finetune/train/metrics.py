@@ -29,7 +29,10 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
         self._fh = open(path, "a", encoding="utf-8")
+        if torn:  # a process killed mid-line (SIGKILL): start on a fresh line
+            self._fh.write("\n")
 
     def emit(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps({"time": round(time.time(), 3), **record}, ensure_ascii=False) + "\n")
@@ -88,4 +91,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by a killed process
+            logger.warning("skipping a torn line in %s", path)
+    return records

@@ -155,3 +155,11 @@ def test_cli_inspect_quickstart_json(tmp_path, monkeypatch):
     assert report["rows_read"] == report["rows_used"] == 52
     assert report["format"] == "messages" and report["packing"] is True
     assert report["packing_efficiency"] > 0.5 and report["histogram"]
+
+
+def test_a_recipe_without_eval_data_is_cached_and_read_back(tmp_path, tokenizer, model_dir):
+    write(tmp_path, GOOD[:12])
+    recipe, cache = make_recipe(eval={"fraction": 0}), tmp_path / "cache"
+    first = prepare(recipe, Bucket.folder(tmp_path), tokenizer, model_dir=model_dir, cache_dir=cache)
+    again = prepare(recipe, Bucket.folder(tmp_path), tokenizer, model_dir=model_dir, cache_dir=cache)
+    assert again.report.cache_hit and len(again.eval) == 0 and len(again.train) == len(first.train)
