@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,12 @@ def launch(spec: JobSpec, launcher: str) -> dict[str, Any]:
         from finetune.train.run import run_job
 
         return run_job(spec)
+    import torch
+
+    cpus = os.cpu_count() or 1
+    if not torch.cuda.is_available() and gpus > cpus and not os.environ.get("RAY_ADDRESS"):
+        issue = Issue("resources.gpus", f"asks for {gpus} workers but this machine has {cpus} CPU cores and no GPU")
+        raise RecipeError([issue], "not enough devices: Ray would wait for them forever")
     from workers.train import run_with_ray
 
     return run_with_ray(spec, num_workers=gpus)

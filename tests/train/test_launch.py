@@ -59,6 +59,13 @@ def test_the_local_launcher_refuses_several_workers(tmp_path):
         launch(spec, "local")
 
 
+def test_more_workers_than_devices_is_refused_instead_of_waiting_forever(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    spec = JobSpec(recipe={"resources": {"gpus": 64}}, job_dir=str(tmp_path), model_dir="", bucket_dir="", cache_dir="")
+    with pytest.raises(RecipeError, match="asks for 64 workers but this machine has"):
+        launch(spec, "ray")
+
+
 def test_a_job_folder_keeps_its_recipe(tmp_path, settings, registry):
     path = recipe_file(tmp_path)
     spec, report = plan_job(path, settings, registry=registry, output=tmp_path / "job")
