@@ -23,7 +23,6 @@ first step; the learning rate is high enough that the weights move well away fro
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,11 @@ import torch.distributed as dist
 
 from finetune.data.packing import collate, pack
 from finetune.data.types import IGNORE_INDEX, PackedRow, TokenizedSample
-from finetune.loading import ensure_tiny
 from finetune.recipe import Recipe
-from finetune.registry import Registry
-from finetune.settings import get_settings
 from finetune.train.loop import Hooks, LoopState, run_loop
 from finetune.train.plan import Plan, make_plan
 from finetune.train.run import build_engine, close_process_group, init_process_group
 
-MODEL_ID = "smollm2-135m-instruct"
 PAD_ID = 1  # the tiny model's pad token (padding only ever carries ignored labels)
 SEQ_LEN = 64
 STEPS = 20
@@ -57,20 +52,8 @@ WEIGHT_RTOL = 1e-5
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: a tiny model gains nothing from more, and busy CPUs make OpenMP crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model, built once per test session (the store lives in the session's base folder)."""
-    store = tmp_path_factory.getbasetemp() / "tiny-store"
-    return ensure_tiny(Registry.load(get_settings().registry), MODEL_ID, store)
+MODEL_ID = "smollm2-135m-instruct"  # the model_dir fixture of tests/train/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_targets(row: PackedRow) -> int:
