@@ -43,6 +43,11 @@ from finetune.data.types import IGNORE_INDEX, PackedRow, TokenizedSample
 
 logger = logging.getLogger(__name__)
 
+
+class VarlenUnsupportedError(ValueError):
+    """The model needs an attention feature PyTorch's varlen kernel does not have (FlexAttention does)."""
+
+
 #: Name under which :func:`varlen_attention_forward` is registered in transformers' AttentionInterface.
 VARLEN_ATTENTION = "finetune_varlen"
 
@@ -311,9 +316,9 @@ def varlen_attention_forward(
         The attention output ``[batch, length, heads, head_dim]`` and no weights.
     """
     if softcap is not None:
-        raise NotImplementedError("varlen attention has no logit soft-capping; use flex_attention")
+        raise VarlenUnsupportedError("varlen attention has no logit soft-capping; use flex_attention")
     if dropout and module.training:
-        raise NotImplementedError("varlen attention has no attention dropout")
+        raise VarlenUnsupportedError("varlen attention has no attention dropout")
     batch, heads, length, dim = query.shape
     offsets, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if offsets is None or longest is None:
@@ -336,7 +341,7 @@ def varlen_attention_forward(
     if "window_size" in params:
         extra["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
     elif sliding_window is not None:
-        raise NotImplementedError("this torch's varlen_attn has no sliding window; use flex_attention")
+        raise VarlenUnsupportedError("this torch's varlen_attn has no sliding window; use flex_attention")
     else:
         extra["is_causal"] = True
     offsets = offsets.to(device=q.device, dtype=torch.int32)

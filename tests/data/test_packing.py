@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune.data import packing
 from finetune.data.packing import (
+    VarlenUnsupportedError,
     collate,
     collate_padded,
     forward_packed,
@@ -310,7 +311,7 @@ def test_varlen_attention_wiring_with_torch_2_10_signature(model_id: str, monkey
     model = tiny_model(model_id, packing.register_varlen_attention())
     packed = packed_losses(model, docs, pack(docs, ROW), varlen=True)["losses"]
     assert worst_difference(packed, single_losses(tiny_model(model_id, "sdpa"), docs)) <= 1e-5
-    with pytest.raises(NotImplementedError, match="no sliding window"):
+    with pytest.raises(VarlenUnsupportedError, match="no sliding window"):
         packed_losses(tiny_model("gemma-3-1b-it", packing.VARLEN_ATTENTION), docs, pack(docs, ROW), varlen=True)
 
 
