@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.errors import FinetuneError
+from finetune.hardware import describe
 from finetune.recipe import Recipe
 from finetune.train.loop import Hooks, LoopState, Worker, as_rows, run_loop
 from finetune.train.metrics import Fanout, JsonlSink, MetricsSink, ProgressSink
@@ -187,7 +188,9 @@ def _run(spec: JobSpec, recipe: Recipe, worker: Worker, cuda: bool) -> dict[str,
     if worker.is_main:
         sink.emit({"kind": "event", "event": "start" if resume is None else "resume", "step": state.step,
                    "detail": f"{trainable:,} of {total:,} parameters trained; ZeRO-{stage} ({why}); "
-                   f"{plan.total_steps} steps of {plan.rows_per_step} rows"})  # fmt: skip
+                   f"{plan.total_steps} steps of {plan.rows_per_step} rows",
+                   "hardware": describe(cuda, worker.world_size), "zero_stage": stage,
+                   "parameters": {"total": total, "trained": trainable}})  # fmt: skip
 
     def save(loop_state: LoopState) -> None:  # every worker; old checkpoints pruned after the commit
         save_checkpoint(
