@@ -206,6 +206,54 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------ archive
+
+
+def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.archive import build_archive
+
+    result = build_archive(
+        Path(args.job_dir),
+        Path(args.out),
+        registry=_registry(settings),
+        store=settings.store_path,
+        checkpoint=args.checkpoint,
+        contents=args.contents,
+        shard_size=args.shard_size,
+    )
+    if args.json:
+        _print_json(result.as_dict())
+        return EXIT_OK
+    info = result.as_dict()
+    print(f"archive        {info['archive']} ({info['size']:,} bytes, {info['files']} files)")
+    print(f"weights        {', '.join(f'{k} in {v}/' for k, v in info['contents'].items())} from the {info['source']}")
+    use = info["usage"]
+    print(f"compute        {use['devices']} x {use['device']}: {use['device_hours']:.4f} device-hours, "
+          f"{use['points']:.4f} points")  # fmt: skip
+    print(f"check it with  finetune archive verify {info['archive']}")
+    return EXIT_OK
+
+
+def cmd_archive_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.archive import verify_archive
+
+    report = verify_archive(Path(args.file), base=Path(args.base) if args.base else None, load=not args.no_load)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        for problem in report.problems:
+            print(problem)
+        for note in report.notes:
+            print(f"note: {note}")
+        if report.ok:
+            for check in report.checks:
+                print(f"ok: {check}")
+            print(f"OK {args.file}")
+        else:
+            print(f"FAILED {args.file}: {len(report.problems)} problem(s)")
+    return EXIT_OK if report.ok else EXIT_INVALID
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -272,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="prepare again even if a cached result exists")
     p.add_argument("--workers", type=int, default=1, help="tokenising processes")
     p.set_defaults(func=cmd_data_inspect)
+
+    archive = sub.add_parser("archive", help="the model archive a job leaves: build and verify it")
+    asub = archive.add_subparsers(dest="archive_command", required=True, metavar="SUBCOMMAND")
+    p = asub.add_parser("build", help="package a finished job (or one checkpoint) as one verifiable tar file")
+    p.add_argument("job_dir", metavar="JOB_DIR")
+    p.add_argument("--out", required=True, metavar="FILE", help="the archive to write (.tar, or .tar.zst for zstd)")
+    p.add_argument("--checkpoint", metavar="NAME", help="a checkpoint folder name (default: the final model)")
+    p.add_argument(
+        "--contents", choices=["merged", "adapter", "both"], help="weights to include (default: the recipe's)"
+    )
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the merged model (default 5GB)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=cmd_archive_build)
+    p = asub.add_parser("verify", help="check an archive's members, digests and model; OK or every problem")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--base", metavar="DIR", help="base model folder for checking an adapter (default: the store)")
+    p.add_argument("--no-load", action="store_true", help="check members and digests only, load no model")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_archive_verify)
     return parser
 
 

@@ -154,7 +154,7 @@ def build_model(
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if isinstance(method, LoraMethod):
-        model = _add_adapters(model, method)
+        model = add_adapters(model, method)
     else:
         model.requires_grad_(True)
     if keep_alive is not None:
@@ -205,7 +205,7 @@ def linear_targets(model: torch.nn.Module) -> list[str]:
     return sorted(full) if short & head_names else sorted(short)
 
 
-def _add_adapters(model: Any, method: LoraMethod) -> Any:
+def add_adapters(model: Any, method: LoraMethod) -> Any:
     from peft import LoraConfig, get_peft_model
 
     if method.target_modules == "all-linear":

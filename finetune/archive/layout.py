@@ -1,0 +1,64 @@
+"""What a model archive holds, by name, and the rules its member names follow.
+
+One tar file (optionally zstd-compressed), every member under one top folder::
+
+    <name>/manifest.json                     every other file's size and sha256, the format and
+                                             engine versions, the base model's identity and origin
+    <name>/README.md                         the model card
+    <name>/recipe.json                       the resolved recipe
+    <name>/metrics.jsonl                     the training metrics, as logged
+    <name>/loss_curve.png                    training and evaluation loss by step
+    <name>/data_stats.json                   dataset statistics (counts only, never content)
+    <name>/model/                            the complete model (sharded safetensors)
+    <name>/adapter/                          the LoRA adapter (peft layout)
+    <name>/verification/reference.safetensors   the engine's logits on a fixed prompt
+"""
+
+from __future__ import annotations
+
+import re
+
+FORMAT = "finetune-model-archive"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CARD = "README.md"
+MERGED_DIR = "model"
+ADAPTER_DIR = "adapter"
+REFERENCE_FILE = "verification/reference.safetensors"
+
+#: The verification prompt (English and Traditional Chinese, rendered with the model's chat template).
+PROMPT = [{"role": "user", "content": "Hello! 請用一句話介紹你自己。"}]
+
+#: Largest difference allowed between the archive's logits (computed in fp32 from the weights as
+#: stored) and the engine's reference, as a fraction of the largest reference logit (at least 1).
+#: fp32 weights differ from the engine's only by the order of operations (LoRA merged into the
+#: base: ~1e-6); half-precision weights carry their rounding (2^-8 relative for bf16 per weight).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9._@+=-][A-Za-z0-9 ._@+=-]*$")
+
+
+def member_problem(name: str) -> str | None:
+    """Why a tar member name is unsafe or not plain, or None when it is fine.
+
+    Plain means: relative, '/'-separated, no empty, '.' or '..' parts, no backslashes, control
+    characters or shell-special characters.
+    """
+    if not name:
+        return "empty member name"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute member name"
+    if "\\" in name:
+        return "backslash in member name"
+    parts = name.rstrip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "member name with an empty, '.' or '..' part"
+    if not all(_SAFE_PART.match(part) for part in parts):
+        return "member name with characters other than letters, digits, space and ._@+=-"
+    return None
+
+
+def archive_name(stem: str) -> str:
+    """A plain top-folder name from a file stem or job name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or "model"
+    return name[:100]

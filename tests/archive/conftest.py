@@ -1,0 +1,93 @@
+"""Two tiny finished jobs (LoRA and full, with checkpoints), trained once for all archive tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.registry import Registry
+from finetune.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPE = """\
+name: {name}
+model:
+  id: smollm2-135m-instruct
+  tiny: true
+data:
+  path: data/quickstart.jsonl
+  max_seq_len: 256
+  eval:
+    fraction: 0.1
+method:
+{method}
+training:
+  max_steps: 4
+  micro_batch_size: 4
+  learning_rate: {lr}
+  save_every_steps: 2
+  gradient_checkpointing: false
+output:
+  archive: {archive}
+"""
+
+
+@dataclass(frozen=True)
+class Jobs:
+    data_dir: Path
+    lora: Path
+    full: Path
+    registry: Registry
+
+    @property
+    def store(self) -> Path:
+        return self.data_dir / "models"
+
+
+def _train(folder: Path, name: str, method: str, lr: float, archive: str) -> Path:
+    from finetune.cli import main
+
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(RECIPE.format(name=name, method=method, lr=lr, archive=archive), encoding="utf-8")
+    job = folder / "jobs" / name
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["train", str(recipe), "--output", str(job)])
+    assert code == 0, err.getvalue()[-3000:]
+    return job
+
+
+@pytest.fixture(scope="session")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
+    folder = tmp_path_factory.mktemp("archive-jobs")
+    shutil.copytree(ROOT / "recipes" / "data", folder / "data")
+    saved = os.environ.get("FINETUNE_DATA_DIR")
+    os.environ["FINETUNE_DATA_DIR"] = str(folder / "finetune-data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lora = _train(folder, "tiny-lora", "  type: lora\n  rank: 8", 0.01, "both")
+        full = _train(folder, "tiny-full", "  type: full", 0.002, "merged")
+        yield Jobs(folder / "finetune-data", lora, full, Registry.load(get_settings().registry))
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            os.environ.pop("FINETUNE_DATA_DIR", None)
+        else:
+            os.environ["FINETUNE_DATA_DIR"] = saved
+
+
+@pytest.fixture
+def data_dir(jobs: Jobs, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The jobs' data dir as FINETUNE_DATA_DIR (verify finds the base model in its store)."""
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(jobs.data_dir))
+    return jobs.data_dir

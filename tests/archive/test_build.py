@@ -1,0 +1,218 @@
+"""Archives built from tiny LoRA and full jobs: contents, loading, logits, the card, errors, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.archive import ArchiveError, build_archive, verify_archive
+from finetune.archive.card import usage
+from finetune.archive.weights import logits_of, prompt_ids
+from finetune.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    [top] = list(dest.iterdir())
+    return top
+
+
+def test_lora_archive_holds_merged_model_and_adapter_that_verify(jobs, data_dir, tmp_path):
+    out = tmp_path / "lora.tar"
+    result = build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store)
+    report = verify_archive(out)
+    assert report.ok, report.problems
+    assert any(c.startswith("model/: logits equal") for c in report.checks)
+    assert any(c.startswith("adapter/: logits equal") for c in report.checks)
+
+    top = _extract(out, tmp_path / "x")
+    manifest = json.loads((top / "manifest.json").read_text())
+    assert manifest["format"] == "finetune-model-archive" and manifest["format_version"] == 1
+    assert manifest["contents"] == {"merged": "model", "adapter": "adapter"} == result.manifest["contents"]
+    base = manifest["base_model"]
+    assert base["id"] == "smollm2-135m-instruct" and base["revision"] == "tiny-random"
+    assert base["origin"]["decision"] == "allow" and base["developer"] == "Hugging Face" and base["country"] == "US"
+    assert "model.safetensors" in base["files"] and len(base["files"]["model.safetensors"]["sha256"]) == 64
+    assert manifest["engine"]["version"] and manifest["job"]["step"] == 4 and manifest["job"]["source"] == "final model"
+    on_disk = {p.relative_to(top).as_posix() for p in top.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name in ("README.md", "recipe.json", "metrics.jsonl", "loss_curve.png", "data_stats.json"):
+        assert name in on_disk
+    assert (top / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the merged model in plain transformers, the adapter with peft: both give the engine's logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(top / "model", local_files_only=True)
+    merged = AutoModelForCausalLM.from_pretrained(top / "model", local_files_only=True, use_safetensors=True)
+    generation = json.loads((top / "model" / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+    assert json.loads((top / "model" / "config.json").read_text())["use_cache"] is True
+    adapter_config = json.loads((top / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "smollm2-135m-instruct"  # a tiny base has no hub repo
+    base_model = AutoModelForCausalLM.from_pretrained(jobs.store / "smollm2-135m-instruct" / "tiny-random")
+    with_adapter = PeftModel.from_pretrained(base_model, top / "adapter").eval()
+    ids = prompt_ids(tokenizer)
+    assert torch.allclose(logits_of(merged.eval(), ids), logits_of(with_adapter, ids), atol=1e-5)
+
+
+def test_adapter_changes_the_base_model(jobs, data_dir, tmp_path):
+    """The merged weights are not the base's: the logits check could fail."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora.tar"
+    build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store, contents="merged")
+    top = _extract(out, tmp_path / "x")
+    assert not (top / "adapter").exists()
+    merged = AutoModelForCausalLM.from_pretrained(top / "model", local_files_only=True).eval()
+    base = AutoModelForCausalLM.from_pretrained(jobs.store / "smollm2-135m-instruct" / "tiny-random").eval()
+    ids = [1, 2, 3, 4, 5]
+    assert (logits_of(merged, ids) - logits_of(base, ids)).abs().max() > 1e-3
+
+
+def test_full_job_checkpoint_archive_is_sharded_and_zstd(jobs, data_dir, tmp_path):
+    out = tmp_path / "full-step2.tar.zst"
+    build_archive(jobs.full, out, registry=jobs.registry, store=jobs.store, checkpoint="step-000000002",
+                  shard_size="200KB")  # fmt: skip
+    assert out.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    report = verify_archive(out)
+    assert report.ok, report.problems
+    import zstandard
+
+    with open(out, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as reader:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            names = [m.name for m in tar]
+    top = names[0]
+    assert all(n == top or n.startswith(f"{top}/") for n in names)
+    shards = [n for n in names if n.startswith(f"{top}/model/model-") and n.endswith(".safetensors")]
+    assert len(shards) > 1 and f"{top}/model/model.safetensors.index.json" in names
+    assert f"{top}/adapter" not in names
+
+    # the checkpoint's weights, not the final ones
+    final_out = tmp_path / "full-final.tar"
+    build_archive(jobs.full, final_out, registry=jobs.registry, store=jobs.store)
+    from safetensors.torch import load_file
+
+    refs = []
+    for archive in (out, final_out):
+        top_dir = _extract_any(archive, tmp_path / archive.name.replace(".", "-"))
+        refs.append(load_file(top_dir / "verification" / "reference.safetensors")["logits"])
+    assert (refs[0] - refs[1]).abs().max() > 1e-4
+
+
+def _extract_any(archive: Path, dest: Path) -> Path:
+    from finetune.archive.tarball import safe_extract
+
+    dest.mkdir(parents=True)
+    result = safe_extract(archive, dest)
+    assert not result.problems and result.top
+    return dest / result.top
+
+
+def test_lora_merged_into_a_bf16_base_is_cast_back_within_the_stated_tolerance(jobs, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(jobs.store, data_dir / "models")
+    base = data_dir / "models" / "smollm2-135m-instruct" / "tiny-random"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(base)
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(data_dir))
+    out = tmp_path / "bf16.tar"
+    result = build_archive(jobs.lora, out, registry=jobs.registry, store=data_dir / "models")
+    assert result.manifest["weights_dtype"] == "bfloat16"
+    assert result.manifest["verification"]["tolerance"]["merged"] == 3e-2
+    report = verify_archive(out)
+    assert report.ok, report.problems
+    [check] = [c for c in report.checks if c.startswith("model/: logits")]
+    diff = float(check.split("max |diff| ")[1].split(",")[0])
+    assert 0 < diff  # bf16 rounding is there, and within the tolerance (report.ok)
+    top = _extract_any(out, tmp_path / "x")
+    merged = AutoModelForCausalLM.from_pretrained(top / "model", local_files_only=True)
+    assert merged.dtype == torch.bfloat16
+
+
+def test_card_and_reports_hold_statistics_never_content(jobs, data_dir, tmp_path):
+    out = tmp_path / "lora.tar"
+    build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store)
+    top = _extract(out, tmp_path / "x")
+    card = (top / "README.md").read_text()
+    for expected in ("SmolLM2-135M-Instruct", "Hugging Face (US)", "Apache-2.0", "LoRA rank 8", "learning_rate: 0.01",
+                     "evaluation loss", "rows used", "device-hours", "CPU run: no GPU-hours"):  # fmt: skip
+        assert expected in card, expected
+    rows = [json.loads(line) for line in (ROOT / "recipes" / "data" / "quickstart.jsonl").read_text().splitlines()]
+    texts = [m["content"] for row in rows for m in row["messages"] if len(m["content"]) > 12]
+    for name in ("README.md", "manifest.json", "data_stats.json", "metrics.jsonl", "recipe.json"):
+        body = (top / name).read_text()
+        assert not [t for t in texts if t in body], name
+
+
+def test_usage_sums_every_run_of_a_resumed_job():
+    gpu = {"device": "NVIDIA H100 80GB HBM3", "kind": "gpu", "count": 4}
+    records = [
+        {"time": 100.0, "kind": "event", "event": "start", "hardware": gpu},
+        {"time": 160.0, "kind": "train", "step": 1},
+        {"time": 1900.0, "kind": "train", "step": 2},  # killed after this
+        {"time": 2000.0, "kind": "event", "event": "resume", "hardware": gpu},
+        {"time": 3700.0, "kind": "event", "event": "end"},
+        {"kind": "train"},  # a torn record without a time
+    ]
+    use = usage(records, default_devices=1)
+    assert use.seconds == pytest.approx(1800 + 1700) and use.segments == 2 and use.devices == 4
+    assert use.gpu_hours == pytest.approx(3500 * 4 / 3600) and use.points == pytest.approx(2 * 3500 * 4 / 3600)
+    cpu = usage([{"time": 0.0, "kind": "event", "event": "start", "hardware": {"kind": "cpu", "count": 2}},
+                 {"time": 36.0, "kind": "event", "event": "end"}], default_devices=1)  # fmt: skip
+    assert cpu.device_hours == pytest.approx(0.02) and cpu.points == 0
+
+
+def test_refusals_say_what_to_do(jobs, data_dir, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(jobs.lora, unfinished)
+    shutil.rmtree(unfinished / "final")
+    with pytest.raises(ArchiveError, match=r"has not finished; choose a checkpoint with --checkpoint \(step-"):
+        build_archive(unfinished, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store)
+    with pytest.raises(ArchiveError, match="no checkpoint 'step-9'.*complete ones: step-"):
+        build_archive(jobs.lora, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store, checkpoint="step-9")
+    with pytest.raises(ArchiveError, match="no checkpoint '../final'"):
+        build_archive(jobs.lora, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store, checkpoint="../final")
+    with pytest.raises(ArchiveError, match="full fine-tuning job has no adapter"):
+        build_archive(jobs.full, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store, contents="adapter")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(jobs.lora, damaged)
+    state = next((damaged / "checkpoints" / "step-000000002").rglob("*.pt"))
+    state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ArchiveError, match="incomplete or damaged"):
+        build_archive(damaged, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store,
+                      checkpoint="step-000000002")  # fmt: skip
+    assert not (tmp_path / "a.tar").exists() and not list(tmp_path.glob(".archive-*"))
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_build_and_verify(jobs, data_dir, tmp_path):
+    out = tmp_path / "cli.tar"
+    code, stdout, stderr = _cli("archive", "build", str(jobs.full), "--out", str(out))
+    assert code == 0, stderr
+    assert "archive" in stdout and "finetune archive verify" in stdout
+    code, stdout, _ = _cli("archive", "verify", str(out))
+    assert code == 0 and stdout.strip().endswith(f"OK {out}")
+    code, stdout, _ = _cli("archive", "verify", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["ok"] is True
+    code, _, stderr = _cli("archive", "build", str(tmp_path), "--out", str(tmp_path / "b.tar"))
+    assert code == 1 and "not a job folder" in stderr
