@@ -214,5 +214,11 @@ def test_cli_build_and_verify(jobs, data_dir, tmp_path):
     assert code == 0 and stdout.strip().endswith(f"OK {out}")
     code, stdout, _ = _cli("archive", "verify", str(out), "--json")
     assert code == 0 and json.loads(stdout)["ok"] is True
+    code, stdout, _ = _cli("archive", "verify", str(out), "--no-load")
+    assert code == 0 and "note: models not loaded (--no-load)" in stdout and "logits" not in stdout
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    code, stdout, _ = _cli("archive", "verify", str(broken))
+    assert code == 2 and "FAILED" in stdout
     code, _, stderr = _cli("archive", "build", str(tmp_path), "--out", str(tmp_path / "b.tar"))
     assert code == 1 and "not a job folder" in stderr
