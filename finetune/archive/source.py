@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,14 @@ logger = logging.getLogger(__name__)
 
 class ArchiveError(FinetuneError):
     """The archive cannot be built as asked (and what to do instead)."""
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft calls a transformers method that 5.x deprecates; the warning means nothing to a tenant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
+        yield
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,8 @@ def engine_model(src: JobSource) -> tuple[Any, torch.dtype]:
     if src.label == "final":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, str(src.weights_dir), is_trainable=False)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(src.weights_dir), is_trainable=False)
     else:
         from finetune.train.model import add_adapters
 

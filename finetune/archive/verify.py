@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from finetune.archive.layout import ADAPTER_DIR, FORMAT, FORMAT_VERSION, MANIFEST, MERGED_DIR
+from finetune.archive.source import quiet_peft
 from finetune.hashing import sha256_file
 from finetune.offline import LOAD_KWARGS
 
@@ -195,7 +196,8 @@ def _check_adapter(root: Path, manifest: dict[str, Any], base: Path | None, repo
             return
     try:
         base_model = AutoModelForCausalLM.from_pretrained(str(base_dir), **LOAD_KWARGS, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False).eval()
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False).eval()
     except Exception as exc:  # any loading failure is the finding
         report.add(f"{ADAPTER_DIR}/", f"does not load with peft on the base model: {type(exc).__name__}: {exc}")
         return

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.archive.layout import PROMPT, REFERENCE_FILE
-from finetune.archive.source import JobSource
+from finetune.archive.source import JobSource, quiet_peft
 from finetune.train.final import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -83,8 +82,7 @@ def write_adapter(model: Any, tokenizer: Any, src: JobSource, dest: Path) -> Non
 def write_merged(model: Any, dtype: torch.dtype, tokenizer: Any, src: JobSource, dest: Path, shard_size: str) -> None:
     """The complete model in ``dtype``, sharded; for LoRA the adapter is merged (fp32) first. Consumes ``model``."""
     if src.is_lora:
-        with warnings.catch_warnings():  # peft calls a transformers method deprecated in 5.x
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing")
+        with quiet_peft():
             model = model.merge_and_unload()  # fp32: the base was loaded in fp32
     model = model.to(dtype)
     model.config.use_cache = True  # training switched it off; generation wants it

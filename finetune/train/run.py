@@ -157,6 +157,19 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         return _run(spec, recipe, worker, cuda)
     finally:
         close_process_group(created)
+        _forget_zero3_loading()
+
+
+def _forget_zero3_loading() -> None:
+    """Stop transformers partitioning later loads in this process (it keeps the job's ZeRO-3 config).
+
+    ``from_pretrained`` consults a process-wide reference to the last ``HfDeepSpeedConfig``; while
+    the trained model lives on (in a caller, or until garbage collection), it would try to build
+    every later model in this process under ``deepspeed.zero.Init`` as well.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def _run(spec: JobSpec, recipe: Recipe, worker: Worker, cuda: bool) -> dict[str, Any]:

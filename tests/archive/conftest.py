@@ -38,6 +38,8 @@ training:
   gradient_checkpointing: false
 output:
   archive: {archive}
+resources:
+  zero_stage: {zero}
 """
 
 
@@ -53,11 +55,11 @@ class Jobs:
         return self.data_dir / "models"
 
 
-def _train(folder: Path, name: str, method: str, lr: float, archive: str) -> Path:
+def _train(folder: Path, name: str, method: str, lr: float, archive: str, zero: str = "auto") -> Path:
     from finetune.cli import main
 
     recipe = folder / f"{name}.yaml"
-    recipe.write_text(RECIPE.format(name=name, method=method, lr=lr, archive=archive), encoding="utf-8")
+    recipe.write_text(RECIPE.format(name=name, method=method, lr=lr, archive=archive, zero=zero), encoding="utf-8")
     job = folder / "jobs" / name
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
@@ -78,6 +80,28 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
         lora = _train(folder, "tiny-lora", "  type: lora\n  rank: 8", 0.01, "both")
         full = _train(folder, "tiny-full", "  type: full", 0.002, "merged")
         yield Jobs(folder / "finetune-data", lora, full, Registry.load(get_settings().registry))
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            os.environ.pop("FINETUNE_DATA_DIR", None)
+        else:
+            os.environ["FINETUNE_DATA_DIR"] = saved
+
+
+@pytest.fixture(scope="session")
+def zero3_jobs(jobs: Jobs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """The same two jobs trained under a pinned ZeRO-3 (partitioned weights and optimizer states)."""
+    folder = tmp_path_factory.mktemp("archive-zero3")
+    shutil.copytree(ROOT / "recipes" / "data", folder / "data")
+    saved = os.environ.get("FINETUNE_DATA_DIR")
+    os.environ["FINETUNE_DATA_DIR"] = str(jobs.data_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield {
+            "lora": _train(folder, "z3-lora", "  type: lora\n  rank: 8", 0.01, "both", zero="3"),
+            "full": _train(folder, "z3-full", "  type: full", 0.002, "merged", zero="3"),
+        }
     finally:
         torch.set_num_threads(threads)
         if saved is None:

@@ -120,6 +120,24 @@ def _extract_any(archive: Path, dest: Path) -> Path:
     return dest / result.top
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_zero3_checkpoint_of_the_last_step_is_the_final_model(zero3_jobs, jobs, data_dir, tmp_path, method):
+    """A ZeRO-3 checkpoint (partitioned fp32 states, consolidated by DeepSpeed) gives the final model exactly."""
+    from safetensors.torch import load_file
+
+    job = zero3_jobs[method]
+    marker = json.loads((job / "checkpoints" / "step-000000004" / "COMMITTED.json").read_text())
+    assert marker["zero_stage"] == 3
+    logits = []
+    for name, checkpoint in (("final.tar", None), ("step4.tar", "step-000000004")):
+        build_archive(job, tmp_path / name, registry=jobs.registry, store=jobs.store, checkpoint=checkpoint)
+        report = verify_archive(tmp_path / name)
+        assert report.ok, report.problems
+        top = _extract_any(tmp_path / name, tmp_path / name.replace(".", "-"))
+        logits.append(load_file(top / "verification" / "reference.safetensors")["logits"])
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_lora_merged_into_a_bf16_base_is_cast_back_within_the_stated_tolerance(jobs, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
