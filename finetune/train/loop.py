@@ -95,6 +95,30 @@ def _forward(engine: Any, batch: dict[str, Any], **kwargs: Any) -> Any:
     return engine(**batch, use_cache=False, **kwargs)
 
 
+def summed_loss(engine: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of the token losses of a batch, with the LM head run on trained positions only.
+
+    Prompt tokens, document starts and padding train nothing, yet a causal LM computes logits
+    (and the loss its log-softmax) at every position: in instruction data that is often a third
+    to a half of the head's work and of its logits' memory. A pre-hook on the output embedding
+    hands it only the hidden states whose next label is trained; the loss is then the same sum
+    that transformers' causal-LM loss takes (fp32 logits, labels shifted by one).
+    """
+    labels = batch["labels"]
+    keep = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][keep]
+
+    def trained_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, :-1][keep], *args[1:])
+
+    handle = engine.module.get_output_embeddings().register_forward_pre_hook(trained_positions)
+    try:
+        out = _forward(engine, {k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.remove()
+    return torch.nn.functional.cross_entropy(out.logits.float(), targets, reduction="sum")
+
+
 def _peak_memory() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -124,12 +148,12 @@ def train_step(engine: Any, micro: list[list[Any]], data: Sequence[Any], pad_id:
     loss_share = 0.0
     own_norm = None
     for i, batch in enumerate(batches):
-        out = _forward(engine, batch, num_items_in_batch=normaliser)
-        engine.backward(out.loss * worker.world_size, scale_wrt_gas=False)
+        loss = summed_loss(engine, batch) / normaliser
+        engine.backward(loss * worker.world_size, scale_wrt_gas=False)
         if i == len(batches) - 1 and engine.zero_optimization_stage() == 0:
             own_norm = _grad_norm(engine)  # DeepSpeed clips fp32 ZeRO-0 gradients without keeping the norm
         engine.step()
-        loss_share += float(out.loss.detach())
+        loss_share += float(loss.detach())
     tokens = _all_sum(sum(real_tokens([data[i] for i in rows]) for rows in micro), worker.device)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = own_norm if grad_norm is None or own_norm is not None else grad_norm
@@ -151,8 +175,7 @@ def evaluate(engine: Any, data: Sequence[Any], plan: Plan, pad_id: int, worker: 
         batch = make_batch([data[j] for j in mine[i : i + plan.micro_batch]], pad_id, worker.device)
         n = trained_targets(batch)
         if n:
-            out = _forward(engine, batch, num_items_in_batch=torch.tensor(1.0, device=worker.device))
-            total += float(out.loss)
+            total += float(summed_loss(engine, batch))
             count += n
     engine.train()
     total, count_all = _all_sum(total, worker.device), _all_sum(count, worker.device)
