@@ -172,6 +172,25 @@ def cmd_data_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.estimate import estimate_recipe
+
+    estimate = estimate_recipe(
+        Path(args.recipe),
+        settings,
+        registry=_registry(settings),
+        device=args.gpu,
+        results=Path(args.results) if args.results else None,
+        bucket_dir=Path(args.bucket) if args.bucket else None,
+        workers=args.workers,
+    )
+    if args.json:
+        _print_json(estimate.as_dict())
+    else:
+        print("\n".join(estimate.summary_lines()))
+    return EXIT_OK if estimate.can_estimate_time else EXIT_FAIL
+
+
 # ------------------------------------------------------------------------------------ training
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped after a checkpoint; the same command resumes
@@ -320,6 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="prepare again even if a cached result exists")
     p.add_argument("--workers", type=int, default=1, help="tokenising processes")
     p.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("estimate", help="tokens, FLOPs, time, GPU-hours, points and memory a recipe will take")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument(
+        "--gpu",
+        choices=["h100", "h100-sxm", "h100-pcie", "h200", "cpu"],
+        default="h100",
+        help="device: h100 (= h100-sxm, default), h100-pcie, h200, or cpu (this machine; needs a measured run)",
+    )
+    p.add_argument(
+        "--results", metavar="DIR", help="throughput-*.json benchmark results (default: FINETUNE_BENCHMARK_RESULTS)"
+    )
+    p.add_argument("--bucket", help="folder acting as your bucket (default: the recipe's folder)")
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes")
+    p.add_argument("--json", action="store_true", help="machine-readable estimate")
+    p.set_defaults(func=cmd_estimate)
 
     archive = sub.add_parser("archive", help="the model archive a job leaves: build and verify it")
     asub = archive.add_subparsers(dest="archive_command", required=True, metavar="SUBCOMMAND")

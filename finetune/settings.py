@@ -20,12 +20,22 @@ def default_registry_path() -> Path:
     return packaged if packaged.exists() else _PACKAGE.parent / "model_registry.yaml"
 
 
+def default_results_path() -> Path:
+    """The recorded benchmark results: the wheel's copy, else the source checkout's ``benchmarks/results``."""
+    packaged = _PACKAGE / "_data" / "benchmarks" / "results"
+    return packaged if packaged.is_dir() else _PACKAGE.parent / "benchmarks" / "results"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore")
 
     data_dir: Path = Field(default=Path("finetune-data"), description="Root of everything the engine writes.")
     model_store: Path | None = Field(default=None, description="Offline model store; default <data_dir>/models.")
     registry: Path = Field(default_factory=default_registry_path, description="The model registry YAML file.")
+    benchmark_results: Path = Field(
+        default_factory=default_results_path,
+        description="Folder of throughput-*.json benchmark results, read by the estimator.",
+    )
     model_lock: Path | None = Field(default=None, description="Pinned digests; default <model_store>/models.lock.json.")
     storage_url: str | None = Field(
         default=None, description="Where tenant buckets live: file:///path or s3://bucket; default <data_dir>/buckets."
