@@ -7,6 +7,7 @@ The training environment has no internet (P7). These variables make ``huggingfac
 from __future__ import annotations
 
 import os
+from typing import Final, TypedDict
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -25,4 +26,9 @@ def enforce_offline() -> None:
 
 #: Keyword arguments for every ``from_pretrained`` call: local files only, safetensors only,
 #: never remote code.
-LOAD_KWARGS: dict[str, object] = {"local_files_only": True, "trust_remote_code": False}
+class LoadKwargs(TypedDict):
+    local_files_only: bool
+    trust_remote_code: bool
+
+
+LOAD_KWARGS: Final[LoadKwargs] = {"local_files_only": True, "trust_remote_code": False}

@@ -122,7 +122,11 @@ def _load_fp32(folder: Path) -> Any:
 
 
 def _checkpoint_state(src: JobSource) -> dict[str, torch.Tensor]:
-    """The module weights of a checkpoint (trainable ones only for adapters), fp32 for ZeRO-3."""
+    """The module weights of a checkpoint (trainable ones only for adapters), fp32 for ZeRO-3.
+
+    ZeRO-3 states are partitioned across the workers' optimizer files; DeepSpeed's own
+    consolidation reads them (as it does when a job resumes).
+    """
     marker = json.loads((src.weights_dir / "COMMITTED.json").read_text(encoding="utf-8"))
     tag = str(marker.get("deepspeed_tag", "deepspeed"))
     if int(marker.get("zero_stage", 0)) == 3:
@@ -130,8 +134,11 @@ def _checkpoint_state(src: JobSource) -> dict[str, torch.Tensor]:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(src.weights_dir), tag=tag)
         return dict(state)
-    # DeepSpeed's own pickle; its sha256 was checked against the marker in open_job.
-    saved = torch.load(src.weights_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # DeepSpeed writes it with torch.save; it is read with torch's restricted unpickler, which
+    # builds tensors and plain containers only and runs no code (and its sha256 was checked
+    # against the marker in open_job).
+    path = src.weights_dir / tag / "mp_rank_00_model_states.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     return dict(saved["module"])
 
 
@@ -169,7 +176,7 @@ def engine_model(src: JobSource) -> tuple[Any, torch.dtype]:
         from peft import PeftModel
 
         with quiet_peft():
-            model = PeftModel.from_pretrained(base, str(src.weights_dir), is_trainable=False)
+            model = PeftModel.from_pretrained(base, str(src.weights_dir), is_trainable=False, **LOAD_KWARGS)
     else:
         from finetune.train.model import add_adapters
 

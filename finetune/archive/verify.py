@@ -130,7 +130,7 @@ def _compare(name: str, logits: torch.Tensor, ref: torch.Tensor, tol: float, rep
 
 
 def _check_merged(root: Path, manifest: dict[str, Any], report: VerifyReport) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.archive.weights import logits_of, prompt_ids
 
@@ -140,7 +140,7 @@ def _check_merged(root: Path, manifest: dict[str, Any], report: VerifyReport) ->
         model = AutoModelForCausalLM.from_pretrained(
             str(folder), **LOAD_KWARGS, dtype=torch.float32, use_safetensors=True
         ).eval()
-        generation = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
     except Exception as exc:  # any loading failure is the finding
         report.add(f"{MERGED_DIR}/", f"does not load with transformers: {type(exc).__name__}: {exc}")
         return
@@ -150,7 +150,7 @@ def _check_merged(root: Path, manifest: dict[str, Any], report: VerifyReport) ->
         report.add(f"{MERGED_DIR}/tokenizer.json", "renders the verification prompt to other ids than the engine's")
         return
     _compare(f"{MERGED_DIR}/", logits_of(model, ids), ref, manifest["verification"]["tolerance"]["merged"], report)
-    eos = generation.eos_token_id
+    eos = generation.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     missing = [i for i in manifest.get("stop_token_ids", []) if i not in eos]
     if missing:
@@ -197,7 +197,7 @@ def _check_adapter(root: Path, manifest: dict[str, Any], base: Path | None, repo
     try:
         base_model = AutoModelForCausalLM.from_pretrained(str(base_dir), **LOAD_KWARGS, dtype=torch.float32)
         with quiet_peft():
-            model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False).eval()
+            model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=False, **LOAD_KWARGS).eval()
     except Exception as exc:  # any loading failure is the finding
         report.add(f"{ADAPTER_DIR}/", f"does not load with peft on the base model: {type(exc).__name__}: {exc}")
         return
