@@ -264,6 +264,34 @@ def test_zero3_final_model_holds_the_same_tensors_as_one_worker(
     assert sorted(two_worker_run(3).weights()) == sorted(reference.weights())
 
 
+@pytest.mark.integration
+def test_two_worker_zero3_checkpoint_archives_to_the_final_model(
+    workspace: Workspace, two_worker_run: Callable[[int], Run], tmp_path: Path
+) -> None:
+    """DeepSpeed consolidates both workers' ZeRO-3 shards of the last checkpoint into the final model."""
+    from safetensors.torch import load_file
+
+    from finetune.archive import build_archive, verify_archive
+    from finetune.archive.tarball import safe_extract
+    from finetune.registry import Registry
+
+    job = two_worker_run(3).job
+    assert _committed(job)[-1] == STEPS
+    registry, store = Registry.load(workspace.settings.registry), workspace.settings.store_path
+    logits = []
+    for name, checkpoint in (("final.tar", None), ("last.tar", f"step-{STEPS:09d}")):
+        out = tmp_path / name
+        build_archive(job, out, registry=registry, store=store, checkpoint=checkpoint)
+        report = verify_archive(out)
+        assert report.ok, report.problems
+        dest = tmp_path / name.replace(".", "-")
+        dest.mkdir()
+        top = safe_extract(out, dest).top
+        assert top is not None
+        logits.append(load_file(dest / top / "verification" / "reference.safetensors")["logits"])
+    assert torch.equal(logits[0], logits[1])
+
+
 # ------------------------------------------------------------------------------ worker failure
 
 
