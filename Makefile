@@ -11,12 +11,16 @@ $(BIN)/finetune: pyproject.toml scripts/setup.sh
 setup: $(BIN)/finetune
 
 # The quick start on embedded defaults: validate the recipe, prepare its dataset with a report
-# (read, check, chat template, labels, packing), then train a tiny model of a registry
-# architecture on CPU; the job folder is finetune-data/jobs/quickstart.
+# (read, check, chat template, labels, packing), estimate its cost, train a tiny model of a
+# registry architecture on CPU (job folder finetune-data/jobs/quickstart), then package and
+# verify its model archive (finetune-data/archives/quickstart.tar).
 quickstart: setup
 	$(BIN)/finetune validate recipes/quickstart.yaml
 	$(BIN)/finetune data inspect recipes/quickstart.yaml
+	$(BIN)/finetune estimate recipes/quickstart.yaml --gpu cpu
 	$(BIN)/finetune train recipes/quickstart.yaml
+	$(BIN)/finetune archive build finetune-data/jobs/quickstart --out finetune-data/archives/quickstart.tar
+	$(BIN)/finetune archive verify finetune-data/archives/quickstart.tar
 
 lint: setup
 	$(BIN)/ruff check .

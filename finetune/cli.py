@@ -247,8 +247,8 @@ def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
     print(f"archive        {info['archive']} ({info['size']:,} bytes, {info['files']} files)")
     print(f"weights        {', '.join(f'{k} in {v}/' for k, v in info['contents'].items())} from the {info['source']}")
     use = info["usage"]
-    print(f"compute        {use['devices']} x {use['device']}: {use['device_hours']:.4f} device-hours, "
-          f"{use['points']:.4f} points")  # fmt: skip
+    cost = f"{use['points']:.4f} points" if use["device_kind"] == "gpu" else "no GPU held, no points"
+    print(f"compute        {use['devices']} x {use['device']}: {use['device_hours']:.4f} device-hours, {cost}")
     print(f"check it with  finetune archive verify {info['archive']}")
     return EXIT_OK
 
