@@ -27,7 +27,7 @@ from finetune.archive.layout import (
 )
 from finetune.archive.source import ArchiveError, JobSource, engine_model, open_job
 from finetune.archive.tarball import wants_zstd, write_tar
-from finetune.archive.weights import tokenizer_of, write_adapter, write_merged, write_reference
+from finetune.archive.weights import merged_deviation, tokenizer_of, write_adapter, write_merged, write_reference
 from finetune.hashing import sha256_file
 from finetune.registry import Registry
 from finetune.train.final import stop_token_ids
@@ -162,11 +162,19 @@ def build_archive(
         reference = write_reference(model, tokenizer, staging / REFERENCE_FILE)
         if adapter:
             write_adapter(model, tokenizer, src, staging / ADAPTER_DIR)
+        weights_dtype = str(dtype).removeprefix("torch.")
+        reference["tolerance"] = {"merged": TOLERANCE.get(weights_dtype, TOLERANCE["bfloat16"]), "adapter": 1e-4}
         if merged:
             write_merged(model, dtype, tokenizer, src, staging / MERGED_DIR, shard_size)
         del model
-        weights_dtype = str(dtype).removeprefix("torch.")
-        reference["tolerance"] = {"merged": TOLERANCE.get(weights_dtype, TOLERANCE["bfloat16"]), "adapter": 1e-4}
+        if merged:  # the model as written, loaded back as a tenant would: refuse to ship one that is off
+            diff, allowed = merged_deviation(staging / MERGED_DIR, staging / REFERENCE_FILE, reference)
+            if diff > allowed:
+                raise ArchiveError(
+                    f"the merged model's logits differ from the engine's by {diff:.3g} (allowed {allowed:.3g}); "
+                    "the archive was not written"
+                )
+            reference["merged_deviation"] = diff
         shutil.copyfile(job_dir / "recipe.json", staging / "recipe.json")
         shutil.copyfile(job_dir / "metrics.jsonl", staging / "metrics.jsonl")
         data = _data_stats(job_dir)

@@ -30,10 +30,12 @@ REFERENCE_FILE = "verification/reference.safetensors"
 PROMPT = [{"role": "user", "content": "Hello! 請用一句話介紹你自己。"}]
 
 #: Largest difference allowed between the archive's logits (computed in fp32 from the weights as
-#: stored) and the engine's reference, as a fraction of the largest reference logit (at least 1).
-#: fp32 weights differ from the engine's only by the order of operations (LoRA merged into the
-#: base: ~1e-6); half-precision weights carry their rounding (2^-8 relative for bf16 per weight).
-TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+#: stored) and the engine's reference (fp32, adapter unmerged), as a fraction of the largest
+#: reference logit (at least 1). fp32 weights differ from the engine's only by the order of
+#: operations (a LoRA merged into the base: ~1e-6). Half-precision weights carry their rounding:
+#: a LoRA merged into a bf16 base and cast back to bf16 measured 1.4e-2 (16 layers) and 1.9e-2
+#: (32 layers, width 2048) with random weights; fp16 rounds 8 times finer.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._@+=-][A-Za-z0-9 ._@+=-]*$")
 

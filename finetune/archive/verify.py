@@ -26,6 +26,7 @@ import torch
 
 from finetune.archive.layout import ADAPTER_DIR, FORMAT, FORMAT_VERSION, MANIFEST, MERGED_DIR
 from finetune.archive.source import quiet_peft
+from finetune.archive.weights import allowed_difference
 from finetune.hashing import sha256_file
 from finetune.offline import LOAD_KWARGS
 
@@ -121,12 +122,12 @@ def _compare(name: str, logits: torch.Tensor, ref: torch.Tensor, tol: float, rep
     if logits.shape != ref.shape:
         report.add(name, f"logits of shape {tuple(logits.shape)}, the reference has {tuple(ref.shape)}")
         return
-    scale = max(1.0, float(ref.abs().max()))
+    allowed = allowed_difference(ref, tol)
     diff = float((logits - ref).abs().max())
-    if diff > tol * scale:
-        report.add(name, f"logits differ from the engine's by up to {diff:.3g} (allowed {tol * scale:.3g})")
+    if diff > allowed:
+        report.add(name, f"logits differ from the engine's by up to {diff:.3g} (allowed {allowed:.3g})")
     else:
-        report.checks.append(f"{name}: logits equal the engine's (max |diff| {diff:.2e}, allowed {tol * scale:.2e})")
+        report.checks.append(f"{name}: logits equal the engine's (max |diff| {diff:.2e}, allowed {allowed:.2e})")
 
 
 def _check_merged(root: Path, manifest: dict[str, Any], report: VerifyReport) -> None:

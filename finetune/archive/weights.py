@@ -90,3 +90,25 @@ def write_merged(model: Any, dtype: torch.dtype, tokenizer: Any, src: JobSource,
     model.save_pretrained(str(dest), max_shard_size=shard_size)
     tokenizer.save_pretrained(str(dest))
     logger.info("merged model written to %s (%s)", dest, dtype)
+
+
+def allowed_difference(ref: torch.Tensor, tolerance: float) -> float:
+    """The largest logit difference the tolerance allows: a fraction of the largest reference logit (at least 1)."""
+    return tolerance * max(1.0, float(ref.abs().max()))
+
+
+def merged_deviation(folder: Path, reference_file: Path, reference: dict[str, Any]) -> tuple[float, float]:
+    """Largest logit difference of the written model (loaded in fp32, as verify does) from the reference.
+
+    Returns the difference and what the merged tolerance allows.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from finetune.offline import LOAD_KWARGS
+
+    tensors = load_file(str(reference_file))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **LOAD_KWARGS, dtype=torch.float32, use_safetensors=True)
+    ref = tensors["logits"]
+    diff = float((logits_of(model.eval(), tensors["input_ids"].tolist()) - ref).abs().max())
+    return diff, allowed_difference(ref, reference["tolerance"]["merged"])
