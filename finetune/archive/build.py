@@ -80,7 +80,10 @@ def _base_model(src: JobSource, registry: Registry) -> dict[str, Any]:
 
     entry = src.entry
     assert entry is not None  # open_job refuses custom models
-    digests, _ = scan_folder(src.base_dir)
+    if entry.files and not src.recipe.model.tiny:  # pinned at import (models.lock.json): no need to hash again
+        digests = dict(entry.files)
+    else:
+        digests, _ = scan_folder(src.base_dir)
     revision = "tiny-random" if src.recipe.model.tiny else (entry.source.revision if entry.source else None)
     return {
         "id": entry.id,
