@@ -26,7 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import chat_rows, corpus, write_jsonl  # noqa: E402
+from bench_setup import train_tokenizer as learn_tokenizer  # noqa: E402
+from synthetic import chat_rows, write_jsonl  # noqa: E402
 
 from finetune.data.packing import pack, packing_efficiency  # noqa: E402
 from finetune.data.pipeline import read_samples, tokenize_all  # noqa: E402
@@ -64,37 +65,13 @@ def machine() -> dict[str, Any]:
 
 
 def train_tokenizer(vocab_size: int, passages: int) -> tuple[Any, float, int]:
-    """A fast tokenizer trained on the synthetic corpus, with the model's chat spec and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """The model's chat tokenizer learned from the synthetic corpus; with the seconds it took and its vocabulary."""
     registry = Registry.load(get_settings().registry)
     entry = registry.get(MODEL)
     assert entry is not None and entry.chat is not None
-    chat = entry.chat
-    specials = chat.special_tokens()
     start = time.perf_counter()
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus(passages), trainer=trainer)
-    seconds = time.perf_counter() - start
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=chat.bos,
-        eos_token=chat.eos,
-        pad_token=chat.pad or chat.eos,
-        extra_special_tokens=[t for t in specials if t not in {chat.bos, chat.eos, chat.pad}],
-        chat_template=registry.chat_template(entry),
-        clean_up_tokenization_spaces=False,
-    )
-    return tokenizer, seconds, backend.get_vocab_size()
+    tokenizer = learn_tokenizer(entry, registry, vocab_size, passages)
+    return tokenizer, time.perf_counter() - start, tokenizer.backend_tokenizer.get_vocab_size()
 
 
 def run_once(path: Path, recipe: Recipe, tokenizer: Any, workers: int, eot: str) -> dict[str, Any]:

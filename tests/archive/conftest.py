@@ -6,7 +6,7 @@ import io
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,46 +68,42 @@ def _train(folder: Path, name: str, method: str, lr: float, archive: str, zero: 
     return job
 
 
+@contextmanager
+def _training_env(data_dir: Path) -> Iterator[None]:
+    """FINETUNE_DATA_DIR set and one torch thread while session fixtures train (monkeypatch is per test)."""
+    saved = os.environ.get("FINETUNE_DATA_DIR")
+    os.environ["FINETUNE_DATA_DIR"] = str(data_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            os.environ.pop("FINETUNE_DATA_DIR", None)
+        else:
+            os.environ["FINETUNE_DATA_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jobs]:
     folder = tmp_path_factory.mktemp("archive-jobs")
     shutil.copytree(ROOT / "recipes" / "data", folder / "data")
-    saved = os.environ.get("FINETUNE_DATA_DIR")
-    os.environ["FINETUNE_DATA_DIR"] = str(folder / "finetune-data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _training_env(folder / "finetune-data"):
         lora = _train(folder, "tiny-lora", "  type: lora\n  rank: 8", 0.01, "both")
         full = _train(folder, "tiny-full", "  type: full", 0.002, "merged")
-        yield Jobs(folder / "finetune-data", lora, full, Registry.load(get_settings().registry))
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            os.environ.pop("FINETUNE_DATA_DIR", None)
-        else:
-            os.environ["FINETUNE_DATA_DIR"] = saved
+    yield Jobs(folder / "finetune-data", lora, full, Registry.load(get_settings().registry))
 
 
 @pytest.fixture(scope="session")
-def zero3_jobs(jobs: Jobs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+def zero3_jobs(jobs: Jobs, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same two jobs trained under a pinned ZeRO-3 (partitioned weights and optimizer states)."""
     folder = tmp_path_factory.mktemp("archive-zero3")
     shutil.copytree(ROOT / "recipes" / "data", folder / "data")
-    saved = os.environ.get("FINETUNE_DATA_DIR")
-    os.environ["FINETUNE_DATA_DIR"] = str(jobs.data_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield {
-            "lora": _train(folder, "z3-lora", "  type: lora\n  rank: 8", 0.01, "both", zero="3"),
-            "full": _train(folder, "z3-full", "  type: full", 0.002, "merged", zero="3"),
-        }
-    finally:
-        torch.set_num_threads(threads)
-        if saved is None:
-            os.environ.pop("FINETUNE_DATA_DIR", None)
-        else:
-            os.environ["FINETUNE_DATA_DIR"] = saved
+    with _training_env(jobs.data_dir):
+        lora = _train(folder, "z3-lora", "  type: lora\n  rank: 8", 0.01, "both", zero="3")
+        full = _train(folder, "z3-full", "  type: full", 0.002, "merged", zero="3")
+    return {"lora": lora, "full": full}
 
 
 @pytest.fixture
