@@ -10,6 +10,17 @@ import pytest
 
 
 @pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for training runs: a tiny model gains nothing from more, and busy CPUs make OpenMP crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Make every outbound TCP/UDP connection attempt fail, as on the offline training machines."""
 

@@ -15,13 +15,11 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from finetune.cli import build_parser, main
@@ -52,15 +50,6 @@ def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def settings(shared_data: Path) -> Settings:
     return Settings(data_dir=shared_data)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for training runs: busy CPUs make OpenMP crawl (as in tests/train)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe_file(folder: Path, name: str = "recipe", copies: int = 1, **changes: Any) -> Path:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from finetune.loading import ensure_tiny
 from finetune.registry import Registry
 from finetune.settings import get_settings
 
 TINY_MODEL_ID = "smollm2-135m-instruct"
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: a tiny model gains nothing from more, and busy CPUs make OpenMP crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
