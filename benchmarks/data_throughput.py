@@ -34,6 +34,7 @@ from finetune.data.pipeline import read_samples, tokenize_all  # noqa: E402
 from finetune.data.report import DataReport  # noqa: E402
 from finetune.data.tokenize import Dropped  # noqa: E402
 from finetune.data.types import TokenizedSample  # noqa: E402
+from finetune.hardware import cpu_name  # noqa: E402
 from finetune.recipe import Recipe  # noqa: E402
 from finetune.registry import Registry  # noqa: E402
 from finetune.settings import get_settings  # noqa: E402
@@ -43,14 +44,7 @@ MODEL = "llama-3.1-8b-instruct"
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import tokenizers
     import transformers
 

@@ -48,6 +48,7 @@ from bench_setup import build_model_folder, make_recipe, prepare_data  # noqa: E
 from bench_systems import Measured, run_finetune, run_hf_trainer  # noqa: E402
 
 from finetune.flops import FORMULAS, ModelShape, attention_length, flops_per_token, gpu_kind, peak_flops  # noqa: E402
+from finetune.hardware import cpu_name  # noqa: E402
 from finetune.registry import Registry  # noqa: E402
 from finetune.settings import get_settings  # noqa: E402
 
@@ -66,14 +67,7 @@ def device_info() -> dict[str, Any]:
         name = torch.cuda.get_device_name()
         kind = gpu_kind(name) or name.lower().replace(" ", "-")
         return {"name": name, "kind": kind, "count": 1, "peak_flops": peak_flops(name)}
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = cpu_name()
     return {
         "name": name,
         "kind": "cpu",
