@@ -215,6 +215,11 @@ class DataSection(Section):
         title="Too-long samples",
         description="'drop' them (counted), 'truncate' them to the maximum length (counted), or 'fail' the job.",
     )
+    duplicates: Literal["drop", "keep", "fail"] = Field(
+        default="drop",
+        title="Exact duplicate rows",
+        description="Rows repeating an earlier row: 'drop' them (counted, not as bad rows), 'keep' them, or 'fail'.",
+    )
     bad_rows: BadRows = Field(default_factory=BadRows, title="Bad rows")
     system_prompt: str | None = Field(
         default=None,

@@ -1,8 +1,9 @@
 """From a recipe's data section to training rows: read, check, split, tokenise, pack, cache.
 
 Every row is accounted for in the :class:`~finetune.data.report.DataReport`: used, refused with
-a located reason, dropped or truncated for length. The recipe's bad-row policy decides whether
-refused rows fail the job; a sample too long under ``truncation: fail`` always does.
+a located reason, an exact duplicate, dropped or truncated for length. The recipe's bad-row policy
+decides whether refused rows fail the job, its duplicates policy what happens to exact duplicates
+(they are never bad rows); a sample too long under ``truncation: fail`` always fails it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,30 @@ logger = logging.getLogger(__name__)
 #: Samples per task handed to a tokenising process.
 _CHUNK = 256
 
+#: Issues written out in a DataError's message; ``issues`` holds every one of them.
+_ISSUES_IN_MESSAGE = 50
+
 
 class DataError(IssuesError):
-    """The dataset cannot be used as the recipe says (too many bad rows, a sample too long...)."""
+    """The dataset cannot be used as the recipe says (too many bad rows, a sample too long...).
+
+    Attributes:
+        issues: Every problem that refused the dataset, located; the message lists the first 50.
+        summary: Why the dataset was refused, in one line.
+        report: The data report as far as preparation got; None when it stopped before reading.
+    """
+
+    def __init__(self, issues: Iterable[Issue], summary: str, report: DataReport | None = None) -> None:
+        super().__init__(issues, summary)
+        self.summary = summary
+        self.report = report
+        hidden = len(self.issues) - _ISSUES_IN_MESSAGE
+        if hidden > 0:
+            shown = [f"  {i}" for i in self.issues[:_ISSUES_IN_MESSAGE]]
+            self.args = ("\n".join([summary, *shown, f"  ... and {hidden} more"]),)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.issues, self.summary, self.report))
 
 
 @dataclass
@@ -76,10 +98,19 @@ def _local_files(bucket: Bucket, rel: str, scratch: Path | None) -> tuple[Path, 
 def read_samples(
     path: Path, display: str, data: DataSection, report: DataReport
 ) -> tuple[list[Sample], list[RowProblem]]:
-    """Rows of one file or folder as samples, and the rows refused (exact duplicates included).
+    """Rows of one file or folder as samples, and the rows refused.
 
+    Exact duplicates follow ``data.duplicates`` and are counted in the report, never refused here.
     Counts go to the report as they are found.
     """
+    samples, problems, _ = _read(path, display, data, report)
+    return samples, problems
+
+
+def _read(
+    path: Path, display: str, data: DataSection, report: DataReport
+) -> tuple[list[Sample], list[RowProblem], list[RowProblem]]:
+    """Samples, refused rows and exact duplicates (each located, naming the row it repeats)."""
     rows: list[Row] = []
     problems: list[RowProblem] = []
     for item in read_rows(path, display):
@@ -92,23 +123,31 @@ def read_samples(
         report.format_reason = "set in the recipe"
     report.format = fmt
     samples: list[Sample] = []
+    duplicates: list[RowProblem] = []
     seen: dict[str, str] = {}
     for row in rows:
         result = to_sample(row, fmt, data.fields, data.system_prompt) if fmt != "auto" else None
         if isinstance(result, RowProblem) or result is None:
             problems.append(result or RowProblem(row.where, "format unknown"))
             continue
-        key = json.dumps([result.kind, [(m.role, m.content) for m in result.messages], result.text,
-                          result.chosen, result.rejected], ensure_ascii=False)  # fmt: skip
+        key = _sample_key(result)
         if key in seen:
-            problems.append(RowProblem(row.where, f"exact duplicate of {seen[key]}"))
-            report.duplicates += 1
-            continue
-        seen[key] = row.where
+            duplicates.append(RowProblem(row.where, f"exact duplicate of {seen[key]}"))
+            if data.duplicates != "keep":
+                continue
+        else:
+            seen[key] = row.where
         samples.append(result)
+    report.duplicates += len(duplicates)
     problems.sort(key=_file_order)
     report.add_problems(problems)
-    return samples, problems
+    return samples, problems, duplicates
+
+
+def _sample_key(sample: Sample) -> str:
+    """What makes two samples exact duplicates: the same content, wherever it came from."""
+    messages = [(m.role, m.content) for m in sample.messages]
+    return json.dumps([sample.kind, messages, sample.text, sample.chosen, sample.rejected], ensure_ascii=False)
 
 
 def _file_order(problem: RowProblem) -> tuple[str, int, str]:
@@ -117,25 +156,52 @@ def _file_order(problem: RowProblem) -> tuple[str, int, str]:
     return (file, int(digits), tail) if file and digits else (problem.where, 0, "")
 
 
-def check_bad_rows(data: DataSection, report: DataReport, problems: Iterable[RowProblem]) -> None:
-    """Apply the recipe's bad-row policy to the problems found so far (counted in the report)."""
-    listed = list(problems)
-    total = report.rows_read
+def check_rows(
+    data: DataSection, report: DataReport, problems: Iterable[RowProblem], duplicates: Iterable[RowProblem] = ()
+) -> None:
+    """Apply the recipe's duplicates and bad-row policies to the rows found so far.
+
+    Raises:
+        DataError: duplicates under ``duplicates: fail``, or too many bad rows; every such row
+            located, and the report attached.
+    """
+    reasons: list[str] = []
+    refused: list[RowProblem] = []
+    repeated = list(duplicates)
+    if repeated and data.duplicates == "fail":
+        reasons.append(
+            f"{len(repeated)} row(s) are exact duplicates of earlier rows and data.duplicates is 'fail'; "
+            "remove them, or change data.duplicates"
+        )
+        refused += repeated
+    bad = _bad_rows_reason(data, report)
+    if bad:
+        reasons.append(f"{bad}; fix the rows listed, or change data.bad_rows")
+        refused += problems
+    if reasons:
+        issues = [problem_issue(p) for p in sorted(refused, key=_file_order)]
+        raise DataError(issues, "; ".join(reasons), report)
+
+
+def _bad_rows_reason(data: DataSection, report: DataReport) -> str | None:
+    """Why the bad rows counted so far fail the job, or None when the policy allows them.
+
+    Exact duplicates are not bad rows, and only those kept count as rows at all.
+    """
     if report.problems_total == 0:
-        return
-    fraction = report.problems_total / max(total, 1)
+        return None
+    counted = report.rows_read - (report.duplicates if data.duplicates != "keep" else 0)
+    fraction = report.problems_total / max(counted, 1)
     policy = data.bad_rows
-    if policy.policy == "fail" or fraction > policy.max_fraction:
-        why = (
-            "the bad-row policy is 'fail'"
-            if policy.policy == "fail"
-            else f"{fraction:.1%} of rows are bad, more than the {policy.max_fraction:.1%} allowed"
-        )
-        raise DataError(
-            [problem_issue(p) for p in listed[:50]],
-            f"{report.problems_total} of {total} rows cannot be used and {why}; "
-            "fix the rows listed, or change data.bad_rows",
-        )
+    if policy.policy == "skip" and fraction <= policy.max_fraction:
+        return None
+    why = (
+        "the bad-row policy is 'fail'"
+        if policy.policy == "fail"
+        else f"{fraction:.1%} of rows are bad, more than the {policy.max_fraction:.1%} allowed"
+    )
+    rows = f"{counted} rows" if counted == report.rows_read else f"{counted} distinct rows"
+    return f"{report.problems_total} of {rows} cannot be used and {why}"
 
 
 def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -187,8 +253,9 @@ def _sort_results(results: list[Any], report: DataReport) -> tuple[list[Tokenize
             problems.append(r)
     if too_long:
         raise DataError(
-            [problem_issue(p) for p in too_long[:50]],
+            [problem_issue(p) for p in too_long],
             f"{len(too_long)} sample(s) are longer than data.max_seq_len and data.truncation is 'fail'",
+            report,
         )
     return kept, problems
 
@@ -252,17 +319,18 @@ def _prepare_uncached(
     data = recipe.data
     report = DataReport(dataset=data.path, files=[n for n, _ in files], bad_row_policy=_policy_text(data))
     report.truncation, report.max_seq_len, report.packing = data.truncation, data.max_seq_len, data.packing
-    samples, problems = read_samples(path, data.path, data, report)
+    report.duplicates_policy = data.duplicates
+    samples, problems, duplicates = _read(path, data.path, data, report)
     if eval_path is not None and data.eval.path:
-        held, eval_problems = read_samples(eval_path, data.eval.path, data, report)
-        train, problems = samples, problems + eval_problems
+        held, eval_problems, eval_duplicates = _read(eval_path, data.eval.path, data, report)
+        train, problems, duplicates = samples, problems + eval_problems, duplicates + eval_duplicates
         report.eval_source = f"file {data.eval.path}"
     else:
         train, held = split(samples, data.eval.fraction, recipe.training.seed)
         report.eval_source = f"{data.eval.fraction:.0%} held out (seed {recipe.training.seed})"
     if report.rows_read == 0:
-        raise DataError([Issue("data.path", f"'{data.path}' holds no rows")], "the dataset is empty")
-    check_bad_rows(data, report, problems)
+        raise DataError([Issue("data.path", f"'{data.path}' holds no rows")], "the dataset is empty", report)
+    check_rows(data, report, problems, duplicates)
     options = {
         "max_seq_len": data.max_seq_len,
         "truncation": data.truncation,
@@ -273,9 +341,9 @@ def _prepare_uncached(
     train_tok, train_problems = _sort_results(tokenize_all(train, tokenizer, options, workers), report)
     eval_tok, eval_problems = _sort_results(tokenize_all(held, tokenizer, options, workers), report)
     report.add_problems(train_problems + eval_problems)
-    check_bad_rows(data, report, problems + train_problems + eval_problems)
+    check_rows(data, report, problems + train_problems + eval_problems)
     if not train_tok:
-        raise DataError([Issue("data.path", "no sample is left to train on")], "nothing to train on")
+        raise DataError([Issue("data.path", "no sample is left to train on")], "nothing to train on", report)
     report.rows_used = len(train_tok) + len(eval_tok)
     report.train_samples, report.eval_samples = len(train_tok), len(eval_tok)
     lengths = [len(s) for s in train_tok]

@@ -7,16 +7,26 @@ leave it out (:meth:`DataReport.for_operators`).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import statistics
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from finetune.data.types import RowProblem
 
-#: Problems listed one by one in the report (all are counted).
-MAX_LISTED_PROBLEMS = 200
+#: Problems listed one by one in the report (all are counted). Generous, so that data_report.json
+#: names every bad row of any dataset worth fixing, yet bounded: a broken file must not make a huge report.
+MAX_LISTED_PROBLEMS = 10_000
+
+#: Problems listed in the terminal summary; the rest are in data_report.json.
+SUMMARY_PROBLEMS = 20
+
+_DUPLICATES_DONE = {"drop": "dropped", "keep": "kept", "fail": "refused"}
 
 
 def problem_kind(problem: RowProblem) -> str:
@@ -73,6 +83,7 @@ class DataReport:
     problem_counts: dict[str, int] = field(default_factory=dict)
     problems_total: int = 0
     duplicates: int = 0
+    duplicates_policy: str = ""
     bad_row_policy: str = ""
     train_samples: int = 0
     eval_samples: int = 0
@@ -105,6 +116,23 @@ class DataReport:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def save(self, path: Path) -> Path:
+        """Write the report as JSON to ``path``, atomically: readers see the old file or the new one.
+
+        Returns:
+            ``path``.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
     def for_operators(self) -> dict[str, Any]:
         """The report without tenant content: counts only, no sample and no row-level reasons."""
         data = self.as_dict()
@@ -116,19 +144,24 @@ class DataReport:
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
-    def summary_lines(self) -> list[str]:
-        """The report for a terminal."""
+    def summary_lines(self, report_path: str = "data_report.json") -> list[str]:
+        """The report for a terminal.
+
+        Args:
+            report_path: Where the full report is, named when the problem list is cut short.
+        """
+        done = _DUPLICATES_DONE.get(self.duplicates_policy, "found")
         lines = [
             f"dataset        {self.dataset} ({len(self.files)} file(s)), format {self.format}: {self.format_reason}",
-            f"rows           {self.rows_read} read, {self.rows_used} used, {self.problems_total} refused "
-            f"({self.duplicates} duplicates); bad rows: {self.bad_row_policy}",
+            f"rows           {self.rows_read} read, {self.rows_used} used, {self.problems_total} refused, "
+            f"{self.duplicates} exact duplicates {done}; bad rows: {self.bad_row_policy}",
         ]
         for kind, count in self.problem_counts.items():
             lines.append(f"  {count:>6} x {kind}")
-        for text in self.problems[:20]:
-            lines.append(f"  {text}")
-        if self.problems_total > 20:
-            lines.append(f"  ... and {self.problems_total - 20} more (--json lists up to {MAX_LISTED_PROBLEMS})")
+        shown = self.problems[:SUMMARY_PROBLEMS]
+        lines += [f"  {text}" for text in shown]
+        if self.problems_total > len(shown):
+            lines.append(f"  ... and {self.problems_total - len(shown)} more (see {report_path})")
         lines += [
             f"split          {self.train_samples} train, {self.eval_samples} eval ({self.eval_source})",
             f"long samples   {self.truncation}: {self.truncated} truncated, {self.dropped} dropped "
