@@ -74,10 +74,10 @@ class _StepSink:
         self.cuda = cuda
         self.steps: list[Step] = []
 
-    def emit(self, record: dict[str, Any]) -> None:
-        if record.get("kind") == "train":
+    def emit(self, event: Any) -> None:
+        if event.kind == "step":
             _sync(self.cuda)
-            self.steps.append(Step(time.perf_counter(), int(record["tokens"]), record["loss"], record["grad_norm"]))
+            self.steps.append(Step(time.perf_counter(), int(event.tokens), event.loss, event.grad_norm))
 
     def close(self) -> None:
         pass
@@ -92,14 +92,13 @@ def run_finetune(recipe: Any, model_dir: Path, samples: Sequence[Any], pad_id: i
     from finetune.data.packing import pack
     from finetune.flops import shape_of
     from finetune.train.loop import Hooks, LoopState, run_loop
-    from finetune.train.plan import make_plan
+    from finetune.train.plan import plan_for
     from finetune.train.run import build_engine, close_process_group, init_process_group
 
     cuda = torch.cuda.is_available()
     seq_len = recipe.data.max_seq_len
     rows: Sequence[Any] = pack(samples, seq_len) if recipe.data.packing else samples
-    row_tokens = seq_len if recipe.data.packing else max(1, sum(len(s) for s in samples) // len(samples))
-    plan = make_plan(recipe, rows=len(rows), world_size=1, row_tokens=row_tokens)
+    plan = plan_for(recipe, rows=len(rows), tokens=sum(len(s) for s in samples), world_size=1)
     worker, created = init_process_group(cuda)
     engine: Any = None
     try:

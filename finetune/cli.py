@@ -6,13 +6,17 @@ Exit codes: 0 success, 2 invalid input (every problem printed, located), 1 anyth
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from finetune.errors import FinetuneError, IssuesError
 from finetune.registry import Registry, Status
@@ -21,8 +25,17 @@ from finetune.settings import Settings, get_settings
 EXIT_OK, EXIT_FAIL, EXIT_INVALID = 0, 1, 2
 
 
+#: Where the running command's results go: the real standard output, saved by :func:`_stdout_for_results`.
+_RESULTS: ContextVar[TextIO | None] = ContextVar("finetune_cli_results", default=None)
+
+
+def _out(*values: object, end: str = "\n") -> None:
+    """Print results (not diagnostics) to the real standard output, like :func:`print`."""
+    print(*values, end=end, file=_RESULTS.get() or sys.stdout)
+
+
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+    _out(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _registry(settings: Settings) -> Registry:
@@ -42,9 +55,9 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
         results.append({"file": path, "valid": recipe is not None, "issues": [i.as_dict() for i in issues]})
         if not args.json:
             if recipe is not None:
-                print(f"{path}: OK")
+                _out(f"{path}: OK")
             for issue in issues:
-                print(issue)
+                _out(issue)
     if args.json:
         _print_json(results)
     return EXIT_OK if all(r["valid"] for r in results) else EXIT_INVALID
@@ -53,7 +66,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.schema import recipe_json_schema_text
 
-    sys.stdout.write(recipe_json_schema_text())
+    _out(recipe_json_schema_text(), end="")
     return EXIT_OK
 
 
@@ -71,11 +84,11 @@ def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
         group = [e for e in entries if e.status is status]
         if not group:
             continue
-        print(f"{status.value} ({len(group)})")
+        _out(f"{status.value} ({len(group)})")
         for e in group:
             size = f"{e.params_b:g}B" if e.params_b else "-"
             extra = f"  {e.reason}" if e.status is not Status.APPROVED else f"  {'/'.join(e.methods)}"
-            print(f"  {e.id:<{width}}  {size:>6}  {e.developer.entity} ({e.developer.country}){extra}")
+            _out(f"  {e.id:<{width}}  {size:>6}  {e.developer.entity} ({e.developer.country}){extra}")
     return EXIT_OK
 
 
@@ -85,8 +98,8 @@ def cmd_models_show(args: argparse.Namespace, settings: Settings) -> int:
     if entry is None:
         from finetune.validate import unknown_model_issue
 
-        print(f"finetune: {unknown_model_issue(args.id, registry).message}", file=sys.stderr)
-        return EXIT_INVALID
+        issue = unknown_model_issue(args.id, registry)
+        raise IssuesError([issue], issue.message)
     data = entry.model_dump(mode="json")
     data["verdict"] = registry.verdict(entry).as_dict()
     if entry.chat is not None:
@@ -96,7 +109,7 @@ def cmd_models_show(args: argparse.Namespace, settings: Settings) -> int:
     else:
         import yaml
 
-        print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
+        _out(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), end="")
     return EXIT_OK
 
 
@@ -107,12 +120,12 @@ def cmd_models_check(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(report.as_dict())
     else:
-        print(f"{report.folder}: {report.status} ({report.verdict.decision.value})")
+        _out(f"{report.folder}: {report.status} ({report.verdict.decision.value})")
         for reason in report.verdict.reasons:
-            print(f"  - {reason}")
+            _out(f"  - {reason}")
         if report.identical_to:
-            print(f"  weights identical to registry entries: {', '.join(report.identical_to)}")
-        print(f"  {len(report.files)} files hashed; model_type {report.model_type}")
+            _out(f"  weights identical to registry entries: {', '.join(report.identical_to)}")
+        _out(f"  {len(report.files)} files hashed; model_type {report.model_type}")
     return EXIT_INVALID if report.status == "denied" else EXIT_OK
 
 
@@ -122,7 +135,7 @@ def cmd_models_import(args: argparse.Namespace, settings: Settings) -> int:
     dest = import_snapshot(
         Path(args.snapshot), args.id, _registry(settings), settings.store_path, settings.lock_path, args.revision
     )
-    print(f"imported {args.id} into {dest}")
+    _out(f"imported {args.id} into {dest}")
     return EXIT_OK
 
 
@@ -137,57 +150,75 @@ def cmd_models_materialize(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_INVALID
     dest = Path(args.dest) if args.dest else model_dir(settings.store_path, entry.id, TINY_REVISION)
     materialize_tiny(entry, registry.chat_template(entry), dest, seed=args.seed)
-    print(f"tiny random-weight {entry.id} written to {dest}")
+    _out(f"tiny random-weight {entry.id} written to {dest}")
     return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------ data
 
 
-def cmd_data_inspect(args: argparse.Namespace, settings: Settings) -> int:
-    from finetune.data.pipeline import prepare
-    from finetune.loading import load_tokenizer, model_folder
+def _folder_name(name: str) -> str:
+    """A recipe's name made safe as one folder name (it may not lead anywhere else)."""
+    return re.sub(r"[^\w.-]+", "_", name).strip(".") or "recipe"
+
+
+def _data_report_path(settings: Settings, recipe_name: str) -> Path:
+    """``<data dir>/reports/<name>/data_report.json``."""
+    return settings.data_dir / "reports" / _folder_name(recipe_name) / "data_report.json"
+
+
+def _recipe(args: argparse.Namespace, registry: Registry) -> tuple[Any, Any]:
+    """The recipe of ``args.recipe`` and the folder acting as the tenant's bucket (``--bucket``)."""
     from finetune.storage import Bucket
     from finetune.validate import load_recipe
 
-    registry = _registry(settings)
     recipe_path = Path(args.recipe)
     recipe = load_recipe(recipe_path, registry)
-    bucket = Bucket.folder(Path(args.bucket) if args.bucket else recipe_path.parent)
-    folder = model_folder(recipe, registry, settings.store_path, bucket)
-    entry = registry.get(recipe.model.id) if recipe.model.id else None
-    prepared = prepare(
-        recipe,
-        bucket,
-        load_tokenizer(folder),
-        model_dir=folder,
-        eot=entry.chat.eot if entry is not None and entry.chat is not None else None,
-        cache_dir=None if args.no_cache else settings.data_dir / "cache" / "data",
-        workers=args.workers,
-    )
+    return recipe, Bucket.folder(Path(args.bucket) if args.bucket else recipe_path.parent)
+
+
+def cmd_data_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.data.pipeline import DataError
+    from finetune.prepare import prepare_job
+
+    registry = _registry(settings)
+    recipe, bucket = _recipe(args, registry)
+    report_path = _data_report_path(settings, recipe.name or Path(args.recipe).stem)
+    try:
+        job = prepare_job(
+            recipe, bucket, settings, registry=registry, workers=args.workers, use_cache=not args.no_cache
+        )
+    except DataError as exc:
+        if exc.report is not None:
+            print(f"finetune: the data report, as far as it got, is in {exc.report.save(report_path)}", file=sys.stderr)
+        raise
+    job.report.save(report_path)
     if args.json:
-        _print_json(prepared.report.as_dict())
+        _print_json(job.report.as_dict())
     else:
-        print("\n".join(prepared.report.summary_lines()))
+        _out("\n".join(job.report.summary_lines(str(report_path))))
     return EXIT_OK
 
 
 def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.estimate import estimate_recipe
 
+    registry = _registry(settings)
+    recipe, bucket = _recipe(args, registry)
     estimate = estimate_recipe(
-        Path(args.recipe),
+        recipe,
+        bucket,
         settings,
-        registry=_registry(settings),
+        registry=registry,
         device=args.gpu,
         results=Path(args.results) if args.results else None,
-        bucket_dir=Path(args.bucket) if args.bucket else None,
         workers=args.workers,
+        label=args.recipe,
     )
     if args.json:
         _print_json(estimate.as_dict())
     else:
-        print("\n".join(estimate.summary_lines()))
+        _out("\n".join(estimate.summary_lines()))
     return EXIT_OK if estimate.can_estimate_time else EXIT_FAIL
 
 
@@ -197,31 +228,29 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped after a checkpoint; the same command
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from finetune.jobstore import JobStore
     from finetune.train.launch import launch, plan_job
 
-    spec, report = plan_job(
-        Path(args.recipe),
-        settings,
-        registry=_registry(settings),
-        output=Path(args.output) if args.output else None,
-        bucket_dir=Path(args.bucket) if args.bucket else None,
-        workers=args.workers,
-        progress=True,
+    registry = _registry(settings)
+    recipe, bucket = _recipe(args, registry)
+    name = _folder_name(recipe.name or Path(args.recipe).stem)
+    store = JobStore.folder(Path(args.output) if args.output else settings.data_dir / "jobs" / name)
+    spec, job = plan_job(recipe, bucket, store, settings, registry=registry, workers=args.workers, progress=True)
+    report = job.report
+    _out(f"job folder     {store.describe()}")
+    _out(
+        f"data           {report.train_samples} train / {report.eval_samples} eval samples, "
+        f"{report.tokens_train:,} tokens, {report.problems_total} rows refused (data_report.json)"
     )
-    print(f"job folder     {spec.job_dir}")
-    print(
-        f"data           {report['train_samples']} train / {report['eval_samples']} eval samples, "
-        f"{report['tokens_train']:,} tokens, {report['problems_total']} rows refused (data_report.json)"
-    )
-    workers = int(spec.recipe["resources"]["gpus"])
-    launcher = args.launcher if args.launcher != "auto" else ("ray" if workers > 1 else "local")
-    summary = launch(spec, launcher)
-    if summary.get("preempted"):
-        print(f"stopped at step {summary['steps']} after a checkpoint; run the same command to resume")
+    launcher = args.launcher if args.launcher != "auto" else ("ray" if spec.workers > 1 else "local")
+    summary = launch(spec, launcher, settings)
+    if summary.preempted:
+        _out(f"stopped at step {summary.steps} after a checkpoint; run the same command to resume")
         return EXIT_PREEMPTED
-    print(f"done           {summary.get('steps')} steps; final model in {summary.get('final')}")
-    if summary.get("eval"):
-        print(f"eval           loss {summary['eval']['eval_loss']:.4f}, perplexity {summary['eval']['eval_ppl']:.2f}")
+    final = store.describe(summary.final.removeprefix(store.prefix).lstrip("/")) if summary.final else None
+    _out(f"done           {summary.steps} steps; final model in {final}")
+    if summary.eval:
+        _out(f"eval           loss {summary.eval['eval_loss']:.4f}, perplexity {summary.eval['eval_ppl']:.2f}")
     return EXIT_OK
 
 
@@ -230,12 +259,17 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.archive import build_archive
+    from finetune.jobstore import JobStore
 
+    job_dir = Path(args.job_dir)
+    if not job_dir.is_dir():
+        print(f"finetune: {job_dir} is not a job folder", file=sys.stderr)
+        return EXIT_INVALID
     result = build_archive(
-        Path(args.job_dir),
+        JobStore.folder(job_dir),
         Path(args.out),
         registry=_registry(settings),
-        store=settings.store_path,
+        settings=settings,
         checkpoint=args.checkpoint,
         contents=args.contents,
         shard_size=args.shard_size,
@@ -244,12 +278,12 @@ def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
         _print_json(result.as_dict())
         return EXIT_OK
     info = result.as_dict()
-    print(f"archive        {info['archive']} ({info['size']:,} bytes, {info['files']} files)")
-    print(f"weights        {', '.join(f'{k} in {v}/' for k, v in info['contents'].items())} from the {info['source']}")
+    _out(f"archive        {info['archive']} ({info['size']:,} bytes, {info['files']} files)")
+    _out(f"weights        {', '.join(f'{k} in {v}/' for k, v in info['contents'].items())} from the {info['source']}")
     use = info["usage"]
     cost = f"{use['points']:.4f} points" if use["device_kind"] == "gpu" else "no GPU held, no points"
-    print(f"compute        {use['devices']} x {use['device']}: {use['device_hours']:.4f} device-hours, {cost}")
-    print(f"check it with  finetune archive verify {info['archive']}")
+    _out(f"compute        {use['devices']} x {use['device']}: {use['device_hours']:.4f} device-hours, {cost}")
+    _out(f"check it with  finetune archive verify {info['archive']}")
     return EXIT_OK
 
 
@@ -261,15 +295,15 @@ def cmd_archive_verify(args: argparse.Namespace, settings: Settings) -> int:
         _print_json(report.as_dict())
     else:
         for problem in report.problems:
-            print(problem)
+            _out(problem)
         for note in report.notes:
-            print(f"note: {note}")
+            _out(f"note: {note}")
         if report.ok:
             for check in report.checks:
-                print(f"ok: {check}")
-            print(f"OK {args.file}")
+                _out(f"ok: {check}")
+            _out(f"OK {args.file}")
         else:
-            print(f"FAILED {args.file}: {len(report.problems)} problem(s)")
+            _out(f"FAILED {args.file}: {len(report.problems)} problem(s)")
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
@@ -384,6 +418,80 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _flush_c_stdio() -> None:
+    """Flush C's stdio buffers, so what a C library printf'd still lands where stdout pointed."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (AttributeError, OSError, TypeError):  # no C library to load by that name (Windows)
+        pass
+
+
+def _is_process_stdout(stream: TextIO) -> bool:
+    """Whether ``stream`` is the interpreter's own stdout on file descriptor 1 (not a redirect)."""
+    if stream is None or stream is not sys.__stdout__:
+        return False
+    try:
+        return stream.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _stdout_for_results() -> Iterator[TextIO]:
+    """Yield the real standard output for the command's results; meanwhile stdout goes to stderr.
+
+    Libraries print to stdout (DeepSpeed's accelerator warning on first import, C extensions),
+    which would corrupt ``--json`` output. Python-level writes are redirected through
+    ``sys.stdout``; when stdout is the process's own (file descriptor 1), fd 1 is pointed at
+    stderr too, for C-level writes and child processes. A caller's redirected ``sys.stdout``
+    (tests) keeps the results and gets the Python-level redirect only.
+    """
+    results = sys.stdout
+    if not _is_process_stdout(results):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield results
+        return
+    results.flush()
+    saved = os.dup(1)
+    real = open(saved, "w", buffering=1, encoding=results.encoding, errors=results.errors, closefd=False)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+    finally:
+        results.flush()  # writes to fd 1 during the command: they belong on stderr
+        _flush_c_stdio()
+        real.close()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _error_json(exc: FinetuneError) -> dict[str, Any]:
+    """An error for ``--json`` output: summary, every located issue, and a partial data report."""
+    issues = exc.issues if isinstance(exc, IssuesError) else []
+    summary = getattr(exc, "summary", None) or str(exc).split("\n", 1)[0]
+    document: dict[str, Any] = {"error": summary, "fault": exc.fault, "issues": [i.as_dict() for i in issues]}
+    report = getattr(exc, "report", None)  # a DataError's; duck-typed to keep the data pipeline unimported
+    if report is not None:
+        document["report"] = report.as_dict()
+    return document
+
+
+def _run(args: argparse.Namespace) -> int:
+    func: Callable[[argparse.Namespace, Settings], int] = args.func
+    try:
+        return func(args, get_settings())
+    except FinetuneError as exc:
+        print(f"finetune: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):
+            _print_json(_error_json(exc))
+        return EXIT_INVALID if isinstance(exc, IssuesError) else EXIT_FAIL
+    except Exception as exc:  # a bug: its traceback goes to stderr, and --json output stays JSON
+        if getattr(args, "json", False):
+            _print_json({"error": f"internal error: {type(exc).__name__}: {exc}", "issues": []})
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -391,15 +499,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         _quiet_libraries()
-    func: Callable[[argparse.Namespace, Settings], int] = args.func
-    try:
-        return func(args, get_settings())
-    except IssuesError as exc:
-        print(f"finetune: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except FinetuneError as exc:
-        print(f"finetune: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+    with _stdout_for_results() as results:
+        token = _RESULTS.set(results)
+        try:
+            return _run(args)
+        finally:
+            _RESULTS.reset(token)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
+
+#: Whose move it is after a failure: the tenant's (fix the data or the recipe), nobody's (a
+#: transient failure: retrying may succeed), or the platform's (a bug or a missing platform asset).
+Fault = Literal["tenant", "transient", "platform"]
 
 
 @dataclass(frozen=True)
@@ -55,9 +60,13 @@ class Issue:
 class FinetuneError(Exception):
     """Base class of every error the engine raises on purpose."""
 
+    fault: Fault = "platform"
+
 
 class IssuesError(FinetuneError):
     """An error carrying every located issue that was found, not just the first."""
+
+    fault: Fault = "tenant"
 
     def __init__(self, issues: Iterable[Issue], summary: str | None = None) -> None:
         self.issues = list(issues)
@@ -79,3 +88,15 @@ class ModelStoreError(FinetuneError):
 
 class ModelCheckError(IssuesError):
     """A model folder was refused: pickle weights, custom code, a denied checkpoint..."""
+
+
+def fault_of(exc: BaseException) -> Fault:
+    """Whose move it is after ``exc``: the engine's own errors say; lost connections, lost workers
+    and I/O failures are transient; anything else is the platform's."""
+    if isinstance(exc, FinetuneError):
+        return exc.fault
+    if isinstance(exc, ConnectionError | TimeoutError | OSError):
+        return "transient"
+    if type(exc).__module__.split(".")[0] == "ray":  # a lost worker or node, an actor that died
+        return "transient"
+    return "platform"

@@ -1,14 +1,19 @@
-"""From a validated recipe to the model folder and tokenizer it names, offline.
+"""From a validated recipe to the model folder, config and tokenizer it names, offline.
 
 Approved models come from the model store (imported beforehand); a recipe with ``tiny: true``
 gets a tiny random-weight model of the same architecture, built here on first use (it needs no
 download, so it is always available). Loading is local-only, safetensors-only, no remote code.
+
+The estimator may also work on a registry model that is not in the store yet (``stand_in``): it
+gets the full-size config from the registry's ``architecture`` and, to count tokens, the stand-in
+tokenizer of its tiny model (byte-level BPE with the family's chat template and special tokens).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,9 @@ from finetune.registry import Registry
 from finetune.storage import Bucket
 
 logger = logging.getLogger(__name__)
+
+#: Keys of a registry architecture that do not describe the model's shape.
+_NOT_CONFIG = ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype", "transformers_version")
 
 
 def ensure_tiny(registry: Registry, model_id: str, store: Path) -> Path:
@@ -67,3 +75,53 @@ def load_tokenizer(folder: Path) -> Any:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return AutoTokenizer.from_pretrained(str(folder), **LOAD_KWARGS)
+
+
+@dataclass
+class ModelSource:
+    """The recipe's model: its folder (None for a stand-in), config, tokenizer, and where they come from."""
+
+    config: Any
+    tokenizer: Any
+    folder: Path | None
+    config_source: str
+    tokenizer_source: str
+    size: str
+    eot: str | None
+
+
+def model_source(
+    recipe: Recipe, registry: Registry, store: Path, bucket: Bucket | None, *, stand_in: bool = False
+) -> ModelSource:
+    """The recipe's model config and tokenizer (a stand-in only when asked: see the module docstring).
+
+    Raises:
+        ModelStoreError: The model is not in the store (and no stand-in was asked for), a custom
+            model is not in the bucket, or a tiny model cannot be built.
+    """
+    from transformers import AutoConfig
+
+    entry = registry.get(recipe.model.id) if recipe.model.id else None
+    eot = entry.eot if entry is not None else None
+    size = "tiny" if recipe.model.tiny else "full"
+    try:
+        folder = model_folder(recipe, registry, store, bucket)
+    except ModelStoreError:
+        if not stand_in or entry is None or entry.chat is None or entry.architecture is None or recipe.model.tiny:
+            raise
+        from finetune.tiny import build_tokenizer
+
+        kwargs = {k: v for k, v in entry.config_kwargs().items() if k not in _NOT_CONFIG}
+        config = AutoConfig.for_model(**kwargs)
+        tokenizer = build_tokenizer(entry.chat, registry.chat_template(entry))
+        return ModelSource(
+            config,
+            tokenizer,
+            None,
+            f"the registry's architecture of {entry.id} (not in the model store at {store})",
+            f"the stand-in tokenizer of the tiny {entry.id} (vocabulary {len(tokenizer):,}), not the model's own",
+            size,
+            eot,
+        )
+    config = AutoConfig.from_pretrained(str(folder), **LOAD_KWARGS)
+    return ModelSource(config, load_tokenizer(folder), folder, f"{folder}/config.json", f"{folder}", size, eot)

@@ -116,6 +116,11 @@ class ModelEntry(_Strict):
     files: dict[str, FileDigest] = Field(default_factory=dict)
     notes: str | None = None
 
+    @property
+    def eot(self) -> str | None:
+        """The token that ends an assistant turn, when the entry has a chat format."""
+        return self.chat.eot if self.chat is not None else None
+
     @model_validator(mode="after")
     def _shape(self) -> ModelEntry:
         if self.status is not Status.APPROVED and not self.reason:

@@ -7,9 +7,13 @@ checkout runs with no server to install.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from finetune.signing import SigningKey
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -27,7 +31,7 @@ def default_results_path() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(default=Path("finetune-data"), description="Root of everything the engine writes.")
     model_store: Path | None = Field(default=None, description="Offline model store; default <data_dir>/models.")
@@ -45,10 +49,59 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="The platform's Ed25519 signing key (base64 of its 32-byte seed); signs checkpoints, final "
+        "models and archives. Default: a key file under <data_dir>/keys, made on first use.",
+    )
+    signing_key_file: Path | None = Field(default=None, description="Key file; default <data_dir>/keys/signing.key.")
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="Node-local scratch of the workers (checkpoints before upload); default <data_dir>/scratch.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FINETUNE_RAY_ADDRESS", "RAY_ADDRESS"),
+        description="Address of an existing Ray cluster; default: a private local one.",
+    )
+    ray_max_failures: int = Field(default=2, ge=0, description="Worker-group restarts Ray Train may make in one job.")
+    events_flush_seconds: float = Field(
+        default=10.0, gt=0, description="Longest wait before a job's step events are published to its bucket."
+    )
 
     @property
     def store_path(self) -> Path:
         return self.model_store if self.model_store is not None else self.data_dir / "models"
+
+    @property
+    def scratch_path(self) -> Path:
+        return self.scratch_dir if self.scratch_dir is not None else self.data_dir / "scratch"
+
+    @property
+    def data_cache_path(self) -> Path:
+        """Prepared datasets, by content (finetune.data.cache)."""
+        return self.data_dir / "cache" / "data"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key_file if self.signing_key_file is not None else self.data_dir / "keys" / "signing.key"
+
+    def signer(self) -> SigningKey:
+        """The platform's signing key (made on first use under the data folder on embedded defaults)."""
+        from finetune.signing import load_signing_key
+
+        seed = self.signing_key.get_secret_value() if self.signing_key else None
+        return load_signing_key(seed, self.signing_key_path)
+
+    def for_workers(self) -> dict[str, Any]:
+        """These settings for processes elsewhere: paths made absolute, secrets left out (each
+        process reads those from its own environment)."""
+        data = self.model_dump(exclude={"signing_key", "s3_secret_access_key", "s3_access_key_id"})
+        paths = {"data_dir": self.data_dir, "model_store": self.store_path, "registry": self.registry,
+                 "benchmark_results": self.benchmark_results, "model_lock": self.lock_path,
+                 "signing_key_file": self.signing_key_path, "scratch_dir": self.scratch_path}  # fmt: skip
+        data.update({key: str(Path(value).resolve()) for key, value in paths.items()})
+        return data
 
     @property
     def lock_path(self) -> Path:

@@ -6,15 +6,16 @@ backslashes, schemes, control characters, and on ``file://`` links that resolve 
 every name that comes back from a listing is checked to lie under the root, so tenant ``t1`` never
 sees ``t10``. Writes are checked against the term's quota first.
 
-Publication is atomic: a single object is written under a temporary name and moved into place
-(an S3 PUT is atomic by itself), and a folder is published by writing its objects and then,
-last, a marker holding the manifest of what was published. A folder without its marker is
-incomplete and is ignored by :meth:`Bucket.is_published`.
+Writes are atomic: a single object is written under a temporary name and moved into place (an S3
+PUT is atomic by itself). Folders are published with a signed manifest written last by
+:mod:`finetune.published`. A :class:`BucketRef` names a bucket as plain data (no credentials), so a
+job spec can carry it to workers on other nodes, which reach it with their own settings.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import hashlib
 import os
 import re
 import uuid
@@ -24,37 +25,50 @@ from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+from pydantic import BaseModel, ConfigDict
 
-from finetune.errors import FinetuneError
-from finetune.hashing import sha256_file
+from finetune.errors import Fault, FinetuneError
+from finetune.files import human_size
 from finetune.paths import bucket_path_problem, normalise_bucket_path
 from finetune.settings import Settings
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-MARKER = ".published.json"
 STAGING = ".staging"
 DEFAULT_QUOTA_BYTES = 10**12  # about 1 TB per tenant and term (PLATFORM.md, P5)
+_CHUNK = 8 * 1024 * 1024
 
 
 class StorageError(FinetuneError):
-    """A storage operation failed or was refused."""
+    """A storage operation failed (transient: the store may be back in a moment) or was refused."""
+
+    fault: Fault = "transient"
 
 
 class PathEscapeError(StorageError):
     """A path would lead outside the tenant's bucket."""
 
+    fault: Fault = "tenant"
+
 
 class QuotaExceededError(StorageError):
     """A write would take the tenant past the term's storage quota."""
 
+    fault: Fault = "tenant"
 
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1000
-    return f"{n} B"
+
+class BucketRef(BaseModel):
+    """Where a bucket is, as plain data: a storage URL and the tenant and term, or a plain folder.
+
+    Credentials are not part of it: whoever opens the bucket uses its own settings.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    tenant: str | None = None
+    term: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ class Bucket:
         self.fs = fs or config.filesystem()
         self.local = config.protocol == "file"
         self.root = f"{config.base_path()}/{tenant}/{term}"
+        self._folder = False  # a plain folder (Bucket.folder), not a tenant's bucket
 
     @classmethod
     def for_tenant(cls, settings: Settings, tenant: str, term: str) -> Bucket:
@@ -123,11 +138,39 @@ class Bucket:
 
     @classmethod
     def folder(cls, path: Path, quota_bytes: int = DEFAULT_QUOTA_BYTES) -> Bucket:
-        """A plain local folder used as a bucket: the CLI's ``--bucket`` for local runs."""
+        """A plain local folder used as a bucket: the CLI's ``--bucket`` and job folders of local runs."""
         resolved = Path(path).resolve()
         bucket = cls(StorageConfig(url=resolved.parent.as_uri(), quota_bytes=quota_bytes), "local", "local")
         bucket.root = resolved.as_posix()
+        bucket._folder = True
         return bucket
+
+    def ref(self) -> BucketRef:
+        """This bucket as plain data, for a job spec."""
+        if self._folder:
+            return BucketRef(url=Path(self.root).as_uri())
+        cfg = self.config
+        return BucketRef(
+            url=cfg.url, tenant=self.tenant, term=self.term, endpoint_url=cfg.endpoint_url, region=cfg.region
+        )
+
+    @classmethod
+    def from_ref(cls, ref: BucketRef, settings: Settings) -> Bucket:
+        """Open the bucket ``ref`` names, with the credentials and quota of ``settings``."""
+        if ref.tenant is None or ref.term is None:
+            if not ref.url.startswith("file://"):
+                raise StorageError(f"a bucket without tenant and term must be a local folder, not '{ref.url}'")
+            return cls.folder(Path(ref.url.removeprefix("file://")), quota_bytes=settings.quota_bytes)
+        secret = settings.s3_secret_access_key
+        config = StorageConfig(
+            url=ref.url,
+            quota_bytes=settings.quota_bytes,
+            endpoint_url=ref.endpoint_url,
+            region=ref.region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+        )
+        return cls(config, ref.tenant, ref.term)
 
     def __repr__(self) -> str:
         return f"Bucket({self.config.protocol}://{self.root})"
@@ -214,8 +257,8 @@ class Bucket:
         used = self.usage()
         if used + extra > self.config.quota_bytes:
             raise QuotaExceededError(
-                f"writing {_human(extra)} would exceed the storage quota of {_human(self.config.quota_bytes)} "
-                f"for {self.tenant}/{self.term} ({_human(used)} used); delete old checkpoints or files first"
+                f"writing {human_size(extra)} would exceed the storage quota of {human_size(self.config.quota_bytes)} "
+                f"for {self.tenant}/{self.term} ({human_size(used)} used); delete old checkpoints or files first"
             )
 
     def _staging(self) -> str:
@@ -234,72 +277,59 @@ class Bucket:
         self.fs.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(tmp, target)
 
-    def upload(self, local: Path, rel: str) -> None:
-        """Copy one local file into the bucket, atomically."""
+    def upload(self, local: Path, rel: str, *, move: bool = False, check_quota: bool = True) -> None:
+        """Copy one local file into the bucket, atomically.
+
+        Args:
+            local: The file.
+            rel: Its name in the bucket.
+            move: The local file is not needed afterwards: on a local bucket on the same
+                filesystem it is renamed into place instead of copied; elsewhere it is deleted
+                once uploaded.
+            check_quota: Check the quota for this file (callers publishing many files check once).
+        """
         target = self.full(rel)
-        self.check_quota(local.stat().st_size)
+        if check_quota:
+            self.check_quota(local.stat().st_size)
         if not self.local:
             self.fs.put_file(str(local), target)
+            if move:
+                local.unlink()
             return
+        self.fs.makedirs(os.path.dirname(target), exist_ok=True)
+        if move:
+            try:
+                os.replace(local, target)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
         tmp = self._staging()
         self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
         self.fs.put_file(str(local), tmp)
-        self.fs.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(tmp, target)
+        if move:
+            local.unlink()
 
-    def download(self, rel: str, local: Path) -> None:
+    def download(self, rel: str, local: Path, *, max_bytes: int | None = None) -> str:
+        """Copy one object to a local file; returns its sha256 (taken while copying).
+
+        Raises:
+            StorageError: The object holds more than ``max_bytes`` (nothing more than that is
+                written to disk).
+        """
         local.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get_file(self.full(rel), str(local))
+        digest, written = hashlib.sha256(), 0
+        with self.fs.open(self.full(rel), "rb") as src, open(local, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    raise StorageError(f"'{rel}' holds more than the {max_bytes:,} bytes expected")
+                digest.update(chunk)
+                dst.write(chunk)
+        return digest.hexdigest()
 
     def remove(self, rel: str, recursive: bool = False) -> None:
         target = self.full(rel)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=recursive)
-
-    # ------------------------------------------------------------------------------- folders
-    def publish_folder(self, local_dir: Path, rel: str) -> dict[str, Any]:
-        """Upload a local folder to ``rel`` and write its manifest marker last.
-
-        Returns the manifest: every file's relative name, size and sha256.
-        """
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        if any(p.is_symlink() for p in local_dir.rglob("*")):
-            raise StorageError(f"{local_dir} contains links; publish real files only")
-        self.check_quota(sum(p.stat().st_size for p in files))
-        if self.exists(f"{rel}/{MARKER}"):
-            raise StorageError(f"'{rel}' is already published")
-        manifest: dict[str, Any] = {"files": {}}
-        for path in files:
-            name = path.relative_to(local_dir).as_posix()
-            manifest["files"][name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-            self.upload(path, f"{rel}/{name}")
-        self.write_bytes(f"{rel}/{MARKER}", json.dumps(manifest, indent=2, sort_keys=True).encode())
-        return manifest
-
-    def is_published(self, rel: str) -> bool:
-        """True when the folder's marker exists and every file it lists has the listed size."""
-        try:
-            manifest = json.loads(self.read_bytes(f"{rel}/{MARKER}"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return False
-        sizes = dict(self.walk_files(rel))
-        return all(sizes.get(f"{normalise_bucket_path(rel)}/{n}") == f["size"] for n, f in manifest["files"].items())
-
-    # ------------------------------------------------------------------------------- Ray
-    def ray_storage(self, rel: str) -> tuple[str, Any]:
-        """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig`` under ``rel``."""
-        import pyarrow.fs as pafs
-
-        path = self.full(rel)
-        if self.local:
-            os.makedirs(path, exist_ok=True)
-            return path, pafs.LocalFileSystem()
-        cfg = self.config
-        s3 = pafs.S3FileSystem(
-            access_key=cfg.access_key_id,
-            secret_key=cfg.secret_access_key,
-            region=cfg.region or "us-east-1",
-            endpoint_override=cfg.endpoint_url,
-            scheme="http" if (cfg.endpoint_url or "").startswith("http://") else "https",
-        )
-        return path, s3

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune import cli
 from finetune.cli import main
 from finetune.modelstore import resolve_model
 from finetune.registry import Registry
@@ -125,3 +126,32 @@ def test_import_then_train_path_resolves(tmp_path, monkeypatch, data_dir):
     (folder / "tokenizer_config.json").write_text("{}")
     code, _, err = run("models", "import", str(folder), "--id", "smollm2-135m-instruct", "--revision", rev)
     assert code == 1 and "does not match its pinned digests: tokenizer_config.json" in err
+
+
+def test_what_libraries_print_goes_to_stderr_and_results_to_stdout(monkeypatch):
+    def noisy(args, settings):
+        print("a library talking")
+        cli._print_json({"ok": True})
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_schema", noisy)
+    code, out, err = run("schema")
+    assert code == 0 and json.loads(out) == {"ok": True} and err == "a library talking\n"
+
+
+def test_json_errors_are_json(monkeypatch):
+    code, out, err = run(
+        "data", "inspect", str(ROOT / "tests" / "fixtures" / "bad_recipes" / "unknown_key.yaml"), "--json"
+    )
+    error = json.loads(out)
+    assert code == 2 and error["error"] and "learning_rte" in err
+    assert [i["path"] for i in error["issues"]] == ["training.learning_rte"]
+
+    def broken(args, settings):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_models_list", broken)
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()), pytest.raises(RuntimeError):
+        main(["models", "list", "--json"])
+    assert json.loads(out.getvalue()) == {"error": "internal error: RuntimeError: a bug", "issues": []}

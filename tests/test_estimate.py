@@ -5,7 +5,7 @@ recipe before and after a different target recipe (the two calibration runs brac
 so a machine whose load drifts meets the estimate with the average of both). The calibration runs
 become a ``throughput-cpu-*.json`` results file; the estimator, given only that file and the
 target recipe, predicts the target's training span (the ``start`` to ``end`` events of its
-``metrics.jsonl``), which is then compared with what the target run measured.
+events), which is then compared with what the target run measured.
 """
 
 from __future__ import annotations
@@ -24,13 +24,24 @@ import yaml
 
 from finetune.cli import build_parser, main
 from finetune.errors import RecipeError
-from finetune.estimate import DEVICE_CHOICES, Allowances, device_for, estimate_recipe
+from finetune.estimate import DEVICE_CHOICES, Allowances, device_for
+from finetune.estimate import estimate_recipe as _estimate
 from finetune.estimate.devices import GPU_MEMORY
 from finetune.estimate.table import Query, find_measurement, read_table
 from finetune.estimate.timing import count_checkpoints, count_evaluations, throughput_for
 from finetune.flops import PEAK_BF16, attention_length, flops_per_token, shape_from_config
 from finetune.registry import Registry
 from finetune.settings import Settings
+
+
+def estimate_recipe(path: Path, settings: Settings, *, registry: Registry, **options: Any) -> Any:
+    """The estimate of a recipe file, as the command line makes it (file loaded here, bucket its folder)."""
+    from finetune.storage import Bucket
+    from finetune.validate import load_recipe
+
+    recipe = load_recipe(path, registry)
+    return _estimate(recipe, Bucket.folder(path.parent), settings, registry=registry, label=str(path), **options)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "smollm2-135m-instruct"
@@ -366,61 +377,62 @@ def test_cli_invalid_recipe_exits_2_with_located_issues(tmp_path, shared_data, m
 # ------------------------------------------------------------------------------------ prediction of real runs
 
 
-def train(recipe: Path, settings: Settings, registry: Registry, job: Path) -> list[dict[str, Any]]:
-    """Run the real engine in this process (one worker); return its metrics records."""
+def train(recipe: Path, settings: Settings, registry: Registry, job: Path) -> list[Any]:
+    """Run the real engine in this process (one worker); return its events."""
+    from finetune.events import read_events
+    from finetune.jobstore import JobStore
+    from finetune.storage import Bucket
     from finetune.train.launch import launch, plan_job
-    from finetune.train.metrics import read_metrics
+    from finetune.validate import load_recipe
 
-    spec, _ = plan_job(recipe, settings, registry=registry, output=job)
-    launch(spec, "local")
-    return read_metrics(job / "metrics.jsonl")
+    store = JobStore.folder(job)
+    spec, _ = plan_job(load_recipe(recipe, registry), Bucket.folder(recipe.parent), store, settings, registry=registry)
+    launch(spec, "local", settings)
+    return read_events(store.bucket, store.prefix)
 
 
-def calibration_row(records: list[dict[str, Any]], recipe: Path, settings: Settings, registry: Registry) -> dict:
-    """A results-format run from a training run's metrics: its steps after the first, timed by the loop."""
+def calibration_row(records: list[Any], recipe: Path, settings: Settings, registry: Registry) -> dict:
+    """A results-format run from a training run's events: its steps after the first, timed by the loop."""
     from transformers import AutoConfig
 
-    from finetune.data.pipeline import prepare
-    from finetune.loading import load_tokenizer, model_folder
+    from finetune.prepare import prepare_job
     from finetune.storage import Bucket
-    from finetune.train.loop import as_rows
     from finetune.validate import load_recipe
 
     r = load_recipe(recipe, registry)
-    folder = model_folder(r, registry, settings.store_path)
-    prepared = prepare(r, Bucket.folder(recipe.parent), load_tokenizer(folder), model_dir=folder,
-                       cache_dir=settings.data_dir / "cache" / "data")  # fmt: skip
-    attn = attention_length([n for row in as_rows(prepared.train, True) for n in row.doc_lengths])  # type: ignore[union-attr]
-    shape = shape_from_config(AutoConfig.from_pretrained(folder))
+    job = prepare_job(r, Bucket.folder(recipe.parent), settings, registry=registry)
+    assert job.model.folder is not None
+    attn = attention_length([n for row in job.train_rows for n in row.doc_lengths])
+    shape = shape_from_config(AutoConfig.from_pretrained(job.model.folder))
     model_fl, hardware_fl = flops_per_token(shape, r.method.type, attn, recompute=r.training.gradient_checkpointing)
-    steps = [x for x in records if x["kind"] == "train"][1:]
-    losses = [x["loss"] for x in steps]
+    steps = [x for x in records if x.kind == "step"][1:]
+    losses = [x.loss for x in steps]
     return record(
         model=TINY, architecture="llama", size="tiny", method=r.method.type, seq_len=r.data.max_seq_len,
         packing=r.data.packing, micro_batch=r.training.micro_batch_size, dtype="fp32", params=shape.params,
         adapter_params=0, attn_len=round(attn, 2), model_flops_per_token=model_fl, hardware_flops_per_token=hardware_fl,
-        tokens_per_s_per_gpu=sum(x["tokens"] for x in steps) / sum(x["step_time"] for x in steps), mfu=None, hfu=None,
-        step_time_s=statistics.median(x["step_time"] for x in steps), steps_timed=len(steps),
-        peak_memory_bytes=max(x["peak_memory"] for x in steps), loss_first=losses[0], loss_last=losses[-1],
-        grad_norm_min=min(x["grad_norm"] for x in steps), valid=losses[-1] < losses[0],
+        tokens_per_s_per_gpu=sum(x.tokens for x in steps) / sum(x.step_time for x in steps), mfu=None, hfu=None,
+        step_time_s=statistics.median(x.step_time for x in steps), steps_timed=len(steps),
+        peak_memory_bytes=max(x.peak_memory for x in steps), loss_first=losses[0], loss_last=losses[-1],
+        grad_norm_min=min(x.grad_norm for x in steps), valid=losses[-1] < losses[0],
     )  # fmt: skip
 
 
-def span(records: list[dict[str, Any]]) -> float:
-    """Seconds from the ``start`` event to the ``end`` event of a run's metrics."""
-    events = {x["event"]: x["time"] for x in records if x["kind"] == "event"}
+def span(records: list[Any]) -> float:
+    """Seconds from the ``start`` event to the ``end`` event of a run."""
+    events = {x.kind: x.time for x in records if x.kind in ("start", "end")}
     return float(events["end"] - events["start"])
 
 
-def check_counts(est: Any, measured: list[dict[str, Any]], job: Path) -> None:
+def check_counts(est: Any, measured: list[Any], job: Path) -> None:
     """The counts of a prediction are exact; the tokens differ only by the rows that fill each epoch's last step."""
     t = est.timing
     assert t is not None and est.throughput.source == "measured"
-    steps = [x for x in measured if x["kind"] == "train"]
+    steps = [x for x in measured if x.kind == "step"]
     assert est.plan.total_steps == len(steps)
-    assert t.evaluations == len([x for x in measured if x["kind"] == "eval"])
-    assert t.checkpoints == len(list((job / "checkpoints").iterdir()))
-    assert est.plan.tokens == pytest.approx(sum(x["tokens"] for x in steps), rel=0.05)
+    assert t.evaluations == len([x for x in measured if x.kind == "eval"])
+    assert t.checkpoints == len([x for x in measured if x.kind == "checkpoint"])
+    assert est.plan.tokens == pytest.approx(sum(x.tokens for x in steps), rel=0.05)
 
 
 def predict_two_targets(folder: Path, settings: Settings, registry: Registry) -> tuple[float, list[float], list[str]]:
@@ -459,7 +471,7 @@ def predict_two_targets(folder: Path, settings: Settings, registry: Registry) ->
         p, a = t.span_s, span(measured)
         predicted, actual = predicted + p, actual + a
         errors.append(p / a - 1)
-        steps = sum(x["step_time"] for x in measured if x["kind"] == "train")
+        steps = sum(x.step_time for x in measured if x.kind == "step")
         lines.append(
             f"{target.stem}: predicted {p:.2f} s (steps {t.train_s:.2f} + {t.evaluations} evals {t.eval_s:.2f} + "
             f"{t.checkpoints} checkpoints {t.checkpoint_s:.2f} + final {t.final_s:.2f}), measured {a:.2f} s "
@@ -476,7 +488,7 @@ def test_cpu_tiny_runs_wall_time_is_predicted_within_25_percent(tmp_path, settin
     """Calibrate on one recipe, predict two others (more data, other epochs, accumulation, eval and checkpoints).
 
     Predicted: each target's training span, from the ``start`` to the ``end`` event of its
-    metrics.jsonl (every step, the evaluations, the checkpoints and the final model). Its start-up
+    events (every step, the evaluations, the checkpoints and the final model). Its start-up
     (imports, data preparation, model load, DeepSpeed initialisation) is outside that span; the
     estimate covers it with a stated allowance that this test does not judge.
 

@@ -54,3 +54,22 @@ def test_no_source_enables_remote_code_or_pickle_loading():
             if "LOAD_KWARGS" not in text[call.end() : call.end() + 200]:
                 offenders.append(f"{path.name}: from_pretrained without LOAD_KWARGS")
     assert offenders == []
+
+
+def test_the_library_never_imports_the_entry_points():
+    """``finetune/`` is the library; ``workers/`` holds thin entry points on top of it, never below it."""
+    offenders = []
+    for path in sorted((ROOT / "finetune").rglob("*.py")):
+        if re.search(r"\b(from|import)\s+workers\b", _code_only(path)):
+            offenders.append(path.relative_to(ROOT).as_posix())
+    assert offenders == []
+
+
+def test_settings_are_passed_in_not_read_deep_inside_the_library():
+    """Environment variables are read by the settings (and the offline switches set), nowhere else."""
+    allowed = {"settings.py", "offline.py", "cli.py", "run.py", "ray_launch.py", "loading.py"}
+    offenders = []
+    for path in sorted((ROOT / "finetune").rglob("*.py")):
+        if path.name not in allowed and re.search(r"os\s*\.\s*(environ|getenv)", _code_only(path)):
+            offenders.append(path.relative_to(ROOT).as_posix())
+    assert offenders == []

@@ -6,7 +6,12 @@ import uuid
 
 import pytest
 
-from finetune.storage import MARKER, Bucket, PathEscapeError, QuotaExceededError, StorageConfig, StorageError
+from finetune.published import MARKER, FolderRefused, fetch_folder, publish_folder, read_marker, remove_folder
+from finetune.settings import Settings
+from finetune.signing import SigningKey
+from finetune.storage import Bucket, PathEscapeError, QuotaExceededError, StorageConfig, StorageError
+
+KEY = SigningKey.generate()
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -92,37 +97,69 @@ def test_quota_is_enforced_before_writing(bucket, tmp_path):
     assert bucket.usage() == 6_000
 
 
-def test_publish_folder_writes_the_marker_last(bucket, tmp_path):
+def _folder(tmp_path):
     src = tmp_path / "ckpt"
-    (src / "sub").mkdir(parents=True)
+    (src / "sub").mkdir(parents=True, exist_ok=True)
     (src / "weights.safetensors").write_bytes(b"w" * 100)
     (src / "sub" / "state.json").write_text("{}")
-    manifest = bucket.publish_folder(src, "checkpoints/step-10")
+    return src
+
+
+def test_publish_folder_writes_the_signed_manifest_last(bucket, tmp_path):
+    manifest = publish_folder(bucket, _folder(tmp_path), "jobs/j/final", "final", {"step": 3}, KEY)
     assert set(manifest["files"]) == {"weights.safetensors", "sub/state.json"}
-    assert bucket.is_published("checkpoints/step-10")
-    marker = json.loads(bucket.read_bytes(f"checkpoints/step-10/{MARKER}"))
-    assert marker == manifest
+    assert read_marker(bucket, "jobs/j/final", "final", KEY.public) == manifest
+    assert json.loads(bucket.read_bytes(f"jobs/j/final/{MARKER}"))["signature"]["key_id"] == KEY.key_id
     with pytest.raises(StorageError, match="already published"):
-        bucket.publish_folder(src, "checkpoints/step-10")
+        publish_folder(bucket, _folder(tmp_path), "jobs/j/final", "final", {}, KEY)
+    with pytest.raises(FolderRefused, match="not a published checkpoint"):
+        read_marker(bucket, "jobs/j/final", "checkpoint", KEY.public)
+    fetch_folder(bucket, "jobs/j/final", manifest, tmp_path / "copy")
+    assert (tmp_path / "copy" / "sub" / "state.json").read_text() == "{}"
 
 
-def test_folder_without_marker_or_with_a_short_file_is_not_published(bucket, tmp_path):
-    bucket.write_bytes("checkpoints/step-5/weights.safetensors", b"w" * 10)
-    assert not bucket.is_published("checkpoints/step-5")
-    src = tmp_path / "c"
-    src.mkdir()
-    (src / "w.safetensors").write_bytes(b"w" * 10)
-    bucket.publish_folder(src, "checkpoints/step-6")
-    bucket.write_bytes("checkpoints/step-6/w.safetensors", b"w" * 3)  # truncated after publication
-    assert not bucket.is_published("checkpoints/step-6")
+def test_a_folder_without_manifest_or_altered_after_it_is_refused(bucket, tmp_path):
+    bucket.write_bytes("c/step-5/weights.safetensors", b"w" * 10)
+    with pytest.raises(FolderRefused, match="cut off before its commit"):
+        read_marker(bucket, "c/step-5", "checkpoint", KEY.public)
+    manifest = publish_folder(bucket, _folder(tmp_path), "c/step-6", "checkpoint", {}, KEY)
+    bucket.write_bytes("c/step-6/weights.safetensors", b"W" * 100)  # same size, other bytes
+    read_marker(bucket, "c/step-6", "checkpoint", KEY.public)  # sizes agree: caught by the digest when fetched
+    with pytest.raises(FolderRefused, match="'weights.safetensors' does not match its sha256"):
+        fetch_folder(bucket, "c/step-6", manifest, tmp_path / "copy")
+    assert not (tmp_path / "copy" / "weights.safetensors").exists()
+    bucket.write_bytes("c/step-6/weights.safetensors", b"w" * 4000)  # larger than listed
+    with pytest.raises(FolderRefused, match="has 4000 bytes, the manifest lists 100"):
+        read_marker(bucket, "c/step-6", "checkpoint", KEY.public)
+    remove_folder(bucket, "c/step-6")
+    assert bucket.list("c") == ["c/step-5"]
 
 
-def test_ray_storage_points_into_the_bucket(bucket):
-    path, fs = bucket.ray_storage("jobs/job-1/ray")
-    assert path.endswith("/t1/2026q1/jobs/job-1/ray")
-    with fs.open_output_stream(f"{path}/probe.txt") as out:
-        out.write(b"ray was here")
-    assert bucket.read_bytes("jobs/job-1/ray/probe.txt") == b"ray was here"
+def test_downloads_stop_at_the_expected_size(bucket, tmp_path):
+    bucket.write_bytes("big.bin", b"x" * 5_000)
+    with pytest.raises(StorageError, match="more than the 100 bytes expected"):
+        bucket.download("big.bin", tmp_path / "big.bin", max_bytes=100)
+    assert (tmp_path / "big.bin").stat().st_size <= 8 * 1024 * 1024
+
+
+def test_move_uploads_leave_nothing_behind(bucket, tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"abc")
+    bucket.upload(src, "x/a.bin", move=True)
+    assert not src.exists() and bucket.read_bytes("x/a.bin") == b"abc"
+
+
+def test_a_bucket_travels_as_a_reference_without_credentials(config, tmp_path):
+    bucket = Bucket(config, "t1", "2026q1")
+    bucket.write_bytes("probe.txt", b"here")
+    ref = bucket.ref()
+    assert "testing" not in ref.model_dump_json() and ref.tenant == "t1"
+    settings = Settings(
+        data_dir=tmp_path, s3_access_key_id=config.access_key_id, s3_secret_access_key=config.secret_access_key
+    )
+    assert Bucket.from_ref(ref, settings).read_bytes("probe.txt") == b"here"
+    folder = Bucket.folder(tmp_path / "job")
+    assert Bucket.from_ref(folder.ref(), settings).root == folder.root
 
 
 def test_links_out_of_a_local_bucket_are_refused(tmp_path):

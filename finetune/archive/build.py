@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -28,8 +27,12 @@ from finetune.archive.layout import (
 from finetune.archive.source import ArchiveError, JobSource, engine_model, open_job
 from finetune.archive.tarball import wants_zstd, write_tar
 from finetune.archive.weights import merged_deviation, tokenizer_of, write_adapter, write_merged, write_reference
-from finetune.hashing import sha256_file
+from finetune.events import latest_by_step, to_jsonl
+from finetune.files import dumps_json
+from finetune.hashing import folder_manifest
+from finetune.jobstore import JobStore
 from finetune.registry import Registry
+from finetune.settings import Settings
 from finetune.train.final import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -99,47 +102,38 @@ def _base_model(src: JobSource, registry: Registry) -> dict[str, Any]:
     }
 
 
-def _job(src: JobSource, records: list[dict[str, Any]]) -> dict[str, Any]:
-    train = [r for r in records if r.get("kind") == "train" and (src.step is None or r["step"] <= src.step)]
-    evals = [r for r in records if r.get("kind") == "eval" and (src.step is None or r["step"] <= src.step)]
+def _job(src: JobSource) -> dict[str, Any]:
+    train = [e for e in latest_by_step(src.events, "step") if src.step is None or e.step <= src.step]
+    evals = [e for e in latest_by_step(src.events, "eval") if src.step is None or e.step <= src.step]
     source = "final model" if src.label == "final" else f"checkpoint {src.label}"
     return {
         "name": src.recipe.name,
         "method": src.recipe.method.type,
         "source": source,
         "step": src.step,
-        "final_train_loss": train[-1]["loss"] if train else None,
-        "eval": {k: evals[-1][k] for k in ("step", "eval_loss", "eval_ppl")} if evals else None,
+        "final_train_loss": train[-1].loss if train else None,
+        "eval": {"step": evals[-1].step, "eval_loss": evals[-1].eval_loss, "eval_ppl": evals[-1].eval_ppl}
+        if evals
+        else None,
     }
 
 
-def _data_stats(job_dir: Path) -> dict[str, Any]:
+def _data_stats(src: JobSource) -> dict[str, Any]:
     from finetune.data.report import DataReport
 
-    path = job_dir / "data_report.json"
-    if not path.is_file():
-        return {}
-    return DataReport.from_dict(json.loads(path.read_text(encoding="utf-8"))).for_operators()
+    return DataReport.from_dict(src.data_report).for_operators() if src.data_report else {}
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _file_digests(folder: Path) -> dict[str, dict[str, Any]]:
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.relative_to(folder).as_posix() != MANIFEST:
-            files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    return files
+    path.write_text(dumps_json(data), encoding="utf-8")
 
 
 def build_archive(
-    job_dir: Path,
+    job: JobStore,
     out: Path,
     *,
     registry: Registry,
-    store: Path,
+    settings: Settings,
     checkpoint: str | None = None,
     contents: Contents | None = None,
     shard_size: str = "5GB",
@@ -147,66 +141,82 @@ def build_archive(
 ) -> BuildResult:
     """Package the job's final model (or ``checkpoint``) into the tar file ``out``.
 
+    Args:
+        job: The job's store (a tenant bucket's job prefix, or a local job folder).
+        out: The tar file to write (``.tar.zst``: zstd-compressed).
+        registry: The model registry.
+        settings: Engine settings (model store, the platform key that signed the job's files).
+        checkpoint: A checkpoint's name (default: the final model).
+        contents: Weights to include (default: the recipe's).
+        shard_size: Largest safetensors shard of the merged model.
+        zstd: Compress (default: from the file name).
+
     Raises:
         ArchiveError: the job or checkpoint cannot be archived as asked (with what to do instead).
         ModelStoreError: the base model is not in the model store.
     """
-    from finetune.train.metrics import read_metrics
-
-    src = open_job(job_dir, checkpoint, registry, store)
-    merged, adapter = _parts(src, contents)
-    records = read_metrics(job_dir / "metrics.jsonl")
     top = archive_name(out.name.split(".tar")[0] if ".tar" in out.name else out.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".archive-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=".archive-", dir=out.parent))
     try:
-        tokenizer = tokenizer_of(src)
-        model, dtype = engine_model(src)
-        reference = write_reference(model, tokenizer, staging / REFERENCE_FILE)
-        if adapter:
-            write_adapter(model, tokenizer, src, staging / ADAPTER_DIR)
-        weights_dtype = str(dtype).removeprefix("torch.")
-        reference["tolerance"] = {"merged": TOLERANCE.get(weights_dtype, TOLERANCE["bfloat16"]), "adapter": 1e-4}
-        if merged:
-            write_merged(model, dtype, tokenizer, src, staging / MERGED_DIR, shard_size)
-        del model
-        if merged:  # the model as written, loaded back as a tenant would: refuse to ship one that is off
-            diff, allowed = merged_deviation(staging / MERGED_DIR, staging / REFERENCE_FILE, reference)
-            if diff > allowed:
-                raise ArchiveError(
-                    f"the merged model's logits differ from the engine's by {diff:.3g} (allowed {allowed:.3g}); "
-                    "the archive was not written"
-                )
-            reference["merged_deviation"] = diff
-        shutil.copyfile(job_dir / "recipe.json", staging / "recipe.json")
-        shutil.copyfile(job_dir / "metrics.jsonl", staging / "metrics.jsonl")
-        data = _data_stats(job_dir)
-        _write_json(staging / "data_stats.json", data)
-        use = usage(records, default_devices=src.recipe.resources.gpus)
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": top,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "engine": {"name": "finetune", "version": finetune.__version__, "versions": _versions()},
-            "job": _job(src, records),
-            "base_model": _base_model(src, registry),
-            "contents": ({"merged": MERGED_DIR} if merged else {}) | ({"adapter": ADAPTER_DIR} if adapter else {}),
-            "weights_dtype": weights_dtype,
-            "eot": src.eot,
-            "stop_token_ids": stop_token_ids(tokenizer, src.eot),
-            "verification": reference,
-            "usage": use.as_dict(),
-            "data": data,
-        }
-        mark = src.step if src.label != "final" else None
-        loss_curve_png(records, staging / "loss_curve.png", f"{top}: loss by step", mark_step=mark)
-        (staging / CARD).write_text(model_card(src, meta), encoding="utf-8")
-        meta["files"] = _file_digests(staging)
-        _write_json(staging / MANIFEST, meta)
-        stamp = int(records[-1]["time"]) if records else int(time.time())
-        write_tar(staging, top, out, mtime=stamp, zstd=wants_zstd(out) if zstd is None else zstd)
+        src = open_job(job, checkpoint, registry, settings.store_path, settings.signer().public, work / "source")
+        meta = _build(src, out, top, contents, shard_size, zstd, registry, work / top)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     logger.info("archive written to %s", out)
     return BuildResult(out, meta)
+
+
+def _build(
+    src: JobSource, out: Path, top: str, contents: Contents | None, shard_size: str, zstd: bool | None,
+    registry: Registry, staging: Path,
+) -> dict[str, Any]:  # fmt: skip
+    merged, adapter = _parts(src, contents)
+    staging.mkdir(parents=True)
+    tokenizer = tokenizer_of(src)
+    model, dtype = engine_model(src)
+    reference = write_reference(model, tokenizer, staging / REFERENCE_FILE)
+    if adapter:
+        write_adapter(model, tokenizer, src, staging / ADAPTER_DIR)
+    weights_dtype = str(dtype).removeprefix("torch.")
+    reference["tolerance"] = {"merged": TOLERANCE.get(weights_dtype, TOLERANCE["bfloat16"]), "adapter": 1e-4}
+    if merged:
+        write_merged(model, dtype, tokenizer, src, staging / MERGED_DIR, shard_size)
+    del model
+    if merged:  # the model as written, loaded back as a tenant would: refuse to ship one that is off
+        diff, allowed = merged_deviation(staging / MERGED_DIR, staging / REFERENCE_FILE, reference)
+        if diff > allowed:
+            raise ArchiveError(
+                f"the merged model's logits differ from the engine's by {diff:.3g} (allowed {allowed:.3g}); "
+                "the archive was not written"
+            )
+        reference["merged_deviation"] = diff
+    _write_json(staging / "recipe.json", src.recipe_json)
+    (staging / "metrics.jsonl").write_bytes(to_jsonl(src.events))
+    data = _data_stats(src)
+    _write_json(staging / "data_stats.json", data)
+    use = usage(src.events, default_devices=src.recipe.resources.gpus)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": top,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "engine": {"name": "finetune", "version": finetune.__version__, "versions": _versions()},
+        "job": _job(src),
+        "base_model": _base_model(src, registry),
+        "contents": ({"merged": MERGED_DIR} if merged else {}) | ({"adapter": ADAPTER_DIR} if adapter else {}),
+        "weights_dtype": weights_dtype,
+        "eot": src.eot,
+        "stop_token_ids": stop_token_ids(tokenizer, src.eot),
+        "verification": reference,
+        "usage": use.as_dict(),
+        "data": data,
+    }
+    mark = src.step if src.label != "final" else None
+    loss_curve_png(src.events, staging / "loss_curve.png", f"{top}: loss by step", mark_step=mark)
+    (staging / CARD).write_text(model_card(src, meta), encoding="utf-8")
+    meta["files"] = folder_manifest(staging, exclude={MANIFEST})
+    _write_json(staging / MANIFEST, meta)
+    stamp = int(src.events[-1].time) if src.events else int(time.time())
+    write_tar(staging, top, out, mtime=stamp, zstd=wants_zstd(out) if zstd is None else zstd)
+    return meta

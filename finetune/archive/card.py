@@ -7,11 +7,13 @@ row or a sample.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.archive.source import JobSource
+from finetune.events import Event, latest_by_step
 
 POINTS_PER_GPU_HOUR = 2.0  # PLATFORM.md P3: 1 point = 0.5 GPU-hour
 
@@ -51,21 +53,19 @@ class Usage:
         }
 
 
-def usage(records: list[dict[str, Any]], default_devices: int) -> Usage:
-    """Sum each run of the job (a start or resume event up to the last record before the next one)."""
+def usage(events: Sequence[Event], default_devices: int) -> Usage:
+    """Sum each run of the job (a start or resume event up to the last event before the next one)."""
     seconds, segments = 0.0, 0
     begin: float | None = None
     last: float | None = None
     device, kind, count = "unknown", "gpu", default_devices
-    for record in records:
-        stamp = record.get("time")
-        if not isinstance(stamp, int | float):
-            continue
-        if record.get("kind") == "event" and record.get("event") in ("start", "resume"):
+    for event in events:
+        stamp = event.time
+        if event.kind in ("start", "resume"):
             if begin is not None and last is not None:
                 seconds += last - begin
             begin, segments = stamp, segments + 1
-            hardware = record.get("hardware") or {}
+            hardware = event.hardware
             device = str(hardware.get("device", device))
             kind = str(hardware.get("kind", kind))
             count = int(hardware.get("count", count))
@@ -75,7 +75,7 @@ def usage(records: list[dict[str, Any]], default_devices: int) -> Usage:
     return Usage(seconds=max(0.0, seconds), device=device, device_kind=kind, devices=count, segments=segments)
 
 
-def loss_curve_png(records: list[dict[str, Any]], dest: Path, title: str, mark_step: int | None = None) -> None:
+def loss_curve_png(events: Sequence[Event], dest: Path, title: str, mark_step: int | None = None) -> None:
     """Training loss (and evaluation loss, when there is any) by optimizer step, as a PNG.
 
     ``mark_step`` draws a vertical line at the step of an archived checkpoint.
@@ -85,8 +85,8 @@ def loss_curve_png(records: list[dict[str, Any]], dest: Path, title: str, mark_s
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    train = [(e.step, e.loss) for e in latest_by_step(events, "step")]
+    evals = [(e.step, e.eval_loss) for e in latest_by_step(events, "eval")]
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
     if train:

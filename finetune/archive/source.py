@@ -1,9 +1,11 @@
 """Where an archive's weights come from: a finished job's ``final/`` or one of its checkpoints.
 
-:func:`open_job` checks the job folder and finds the base model; :func:`engine_model` rebuilds
-the model the engine trained, in fp32 on the CPU, exactly: the full weights as saved, or the base
-model with the LoRA adapter on top (not merged). Everything the archive holds is derived from it,
-and its logits are the reference the archive is verified against.
+:func:`open_job` reads the job's store (a tenant bucket's job prefix, or a local job folder),
+checks the signed manifest of the final model or checkpoint, fetches its files into a work folder
+with their digests checked, and finds the base model; :func:`engine_model` rebuilds the model the
+engine trained, in fp32 on the CPU, exactly: the full weights as saved, or the base model with the
+LoRA adapter on top (not merged). Everything the archive holds is derived from it, and its logits
+are the reference the archive is verified against.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from typing import Any
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.events import Event, read_events
+from finetune.jobstore import DATA_REPORT, FINAL, RECIPE, JobStore
 from finetune.offline import LOAD_KWARGS
+from finetune.published import FolderRefused, fetch_folder, read_marker
 from finetune.recipe import LoraMethod, Recipe
 from finetune.registry import ModelEntry, Registry
+from finetune.signing import VerifyKey
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +45,25 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
+#: The most a job's recipe.json or data_report.json may hold (both are written by the engine).
+_JSON_MAX_BYTES = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class JobSource:
-    """A job folder and the weights chosen from it."""
+    """A job and the weights chosen from it, fetched and checked."""
 
-    job_dir: Path
+    store: JobStore
     recipe: Recipe
     recipe_json: dict[str, Any]
     entry: ModelEntry | None
     base_dir: Path
     label: str  # "final" or the checkpoint's folder name
-    weights_dir: Path  # final/ or checkpoints/<name>/
+    weights_dir: Path  # the local copy of final/ or of the checkpoint
     step: int | None
+    events: list[Event]
+    data_report: dict[str, Any]
+    marker: dict[str, Any]  # the signed manifest of the weights' folder
 
     @property
     def is_lora(self) -> bool:
@@ -61,50 +74,85 @@ class JobSource:
         return self.entry.chat.eot if self.entry is not None and self.entry.chat is not None else None
 
 
-def _final_step(job_dir: Path) -> int | None:
-    from finetune.train.metrics import read_metrics
+def _json(store: JobStore, name: str, required: bool) -> dict[str, Any]:
+    rel = store.path(name)
+    if not store.bucket.exists(rel):
+        if required:
+            raise ArchiveError(f"{store.describe()} is not a job folder: it has no {name}")
+        return {}
+    if store.bucket.size(rel) > _JSON_MAX_BYTES:
+        raise ArchiveError(f"{store.describe(name)} is larger than the engine ever writes it")
+    try:
+        data = json.loads(store.bucket.read_bytes(rel))
+    except (ValueError, RecursionError) as exc:
+        raise ArchiveError(f"{store.describe(name)} is not readable JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise ArchiveError(f"{store.describe(name)} is not a JSON object")
+    return data
 
-    steps = [r["step"] for r in read_metrics(job_dir / "metrics.jsonl") if r.get("kind") == "train"]
-    return max(steps) if steps else None
 
-
-def open_job(job_dir: Path, checkpoint: str | None, registry: Registry, store: Path) -> JobSource:
-    """The job at ``job_dir`` with its ``final/`` model, or the named checkpoint.
+def open_job(
+    store: JobStore, checkpoint: str | None, registry: Registry, model_store: Path, key: VerifyKey, work: Path
+) -> JobSource:
+    """The job in ``store`` with its final model, or the named checkpoint, fetched into ``work``.
 
     Raises:
-        ArchiveError: not a job folder, no final model (the job has not finished), an unknown or
-            incomplete checkpoint (the message lists the complete ones).
+        ArchiveError: not a job, no trustworthy final model (the job has not finished, or its
+            files were altered), an unknown or untrusted checkpoint (the message lists the
+            trustworthy ones).
         ModelStoreError: the base model is not in the model store.
     """
     from finetune.loading import model_folder
-    from finetune.train.checkpoint_files import checkpoints_root, list_step_dirs, verify
+    from finetune.train.checkpoint_files import check_checkpoint, checkpoint_path, list_steps, recipe_digest
 
-    recipe_path = job_dir / "recipe.json"
-    if not recipe_path.is_file():
-        raise ArchiveError(f"{job_dir} is not a job folder: it has no recipe.json")
-    recipe_json = json.loads(recipe_path.read_text(encoding="utf-8"))
+    recipe_json = _json(store, RECIPE, required=True)
     recipe = Recipe.model_validate(recipe_json)
     if recipe.model.custom is not None:
         raise ArchiveError("archives of custom (uploaded) models are not supported yet: their origin record is manual")
     entry = registry.get(recipe.model.id) if recipe.model.id else None
-    base_dir = model_folder(recipe, registry, store)
-    complete = [p.name for _, p in list_step_dirs(job_dir) if not verify(p, digests=False)]
+    base_dir = model_folder(recipe, registry, model_store)
+    events, report = read_events(store.bucket, store.prefix), _json(store, DATA_REPORT, required=False)
+    names = [name for _, name in list_steps(store)]
     if checkpoint is None:
-        final = job_dir / "final"
-        if not (final / "config.json").is_file() and not (final / "adapter_config.json").is_file():
-            hint = f"; choose a checkpoint with --checkpoint ({', '.join(complete)})" if complete else ""
-            raise ArchiveError(f"{job_dir} has no final model: the job has not finished{hint}")
-        return JobSource(job_dir, recipe, recipe_json, entry, base_dir, "final", final, _final_step(job_dir))
-    folder = checkpoints_root(job_dir) / checkpoint
-    if "/" in checkpoint or checkpoint.startswith(".") or not folder.is_dir():
-        raise ArchiveError(f"no checkpoint '{checkpoint}' in {job_dir}; complete ones: {', '.join(complete) or 'none'}")
-    problems = verify(folder, digests=True)  # the digests before anything in it is unpickled
-    if problems:
-        raise ArchiveError(f"checkpoint '{checkpoint}' is incomplete or damaged: {'; '.join(problems)}")
-    marker = json.loads((folder / "COMMITTED.json").read_text(encoding="utf-8"))
-    if json.loads((folder / "recipe.json").read_text(encoding="utf-8")) != recipe_json:
-        raise ArchiveError(f"checkpoint '{checkpoint}' was written under another recipe than {recipe_path}")
-    return JobSource(job_dir, recipe, recipe_json, entry, base_dir, checkpoint, folder, int(marker["step"]))
+        try:
+            manifest = read_marker(store.bucket, store.path(FINAL), "final", key)
+        except FolderRefused as exc:
+            complete = ", ".join(n for n in names if _trusted(store, n, key))
+            hint = f"; choose a checkpoint with --checkpoint ({complete})" if complete else ""
+            raise ArchiveError(f"{store.describe()} has no final model that can be trusted ({exc}){hint}") from None
+        dest = work / FINAL
+        _fetch(store, store.path(FINAL), manifest, dest, None)
+        step = manifest.get("step")
+        return JobSource(store, recipe, recipe_json, entry, base_dir, "final", dest,
+                         step if isinstance(step, int) else None, events, report, manifest)  # fmt: skip
+    if checkpoint not in names:
+        complete = ", ".join(n for n in names if _trusted(store, n, key)) or "none"
+        raise ArchiveError(f"no checkpoint '{checkpoint}' in {store.describe()}; complete ones: {complete}")
+    try:
+        info = check_checkpoint(store, checkpoint, key, recipe_digest(recipe_json))
+    except FolderRefused as exc:
+        raise ArchiveError(f"checkpoint '{checkpoint}' cannot be trusted: {exc}") from None
+    dest = work / checkpoint
+    _fetch(store, checkpoint_path(store, checkpoint), info.marker, dest, lambda n: not n.endswith(".py"))
+    return JobSource(store, recipe, recipe_json, entry, base_dir, checkpoint, dest, info.step, events, report,
+                     info.marker)  # fmt: skip
+
+
+def _trusted(store: JobStore, name: str, key: VerifyKey) -> bool:
+    from finetune.train.checkpoint_files import check_checkpoint
+
+    try:
+        check_checkpoint(store, name, key)
+    except FolderRefused:
+        return False
+    return True
+
+
+def _fetch(store: JobStore, rel: str, manifest: dict[str, Any], dest: Path, wanted: Any) -> None:
+    try:
+        fetch_folder(store.bucket, rel, manifest, dest, wanted=wanted)
+    except FolderRefused as exc:
+        raise ArchiveError(f"{store.describe()}/{rel}: {exc}") from None
 
 
 def base_dtype(base_dir: Path) -> torch.dtype:
@@ -127,18 +175,20 @@ def _checkpoint_state(src: JobSource) -> dict[str, torch.Tensor]:
     ZeRO-3 states are partitioned across the workers' optimizer files; DeepSpeed's own
     consolidation reads them (as it does when a job resumes).
     """
-    marker = json.loads((src.weights_dir / "COMMITTED.json").read_text(encoding="utf-8"))
+    from finetune.train.safe_load import restricted_load, restricted_zero_to_fp32_loads
+
+    marker = src.marker
     tag = str(marker.get("deepspeed_tag", "deepspeed"))
     if int(marker.get("zero_stage", 0)) == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(src.weights_dir), tag=tag)
+        with restricted_zero_to_fp32_loads():  # DeepSpeed's consolidation, with torch's restricted unpickler
+            state = get_fp32_state_dict_from_zero_checkpoint(str(src.weights_dir), tag=tag)
         return dict(state)
     # DeepSpeed writes it with torch.save; it is read with torch's restricted unpickler, which
     # builds tensors and plain containers only and runs no code (and its sha256 was checked
-    # against the marker in open_job).
-    path = src.weights_dir / tag / "mp_rank_00_model_states.pt"
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    # against the signed manifest while it was fetched).
+    saved = restricted_load(src.weights_dir / tag / "mp_rank_00_model_states.pt")
     return dict(saved["module"])
 
 

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 def tokenizer_of(src: JobSource) -> Any:
     from finetune.loading import load_tokenizer
 
-    final = src.job_dir / "final"
-    return load_tokenizer(final if (final / "tokenizer_config.json").is_file() else src.base_dir)
+    fetched = src.weights_dir  # final/ carries the tokenizer; a checkpoint does not (it is the base model's)
+    return load_tokenizer(fetched if (fetched / "tokenizer_config.json").is_file() else src.base_dir)
 
 
 def prompt_ids(tokenizer: Any) -> list[int]:

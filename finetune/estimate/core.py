@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import RecipeError
 from finetune.estimate.devices import Device, device_for
-from finetune.estimate.model import count_on_meta, model_source, stored_weight_bytes
+from finetune.estimate.model import count_on_meta, stored_weight_bytes
 from finetune.estimate.result import DataFacts, Estimate, FlopsFacts, MemoryFacts, ModelFacts, PlanFacts
 from finetune.estimate.table import Query, find_measurement, read_table
 from finetune.estimate.timing import Allowances, Throughput, Timing, count_checkpoints, count_evaluations
@@ -22,67 +21,56 @@ from finetune.flops import attention_length, flops_per_token
 from finetune.recipe import Recipe
 from finetune.registry import Registry
 from finetune.settings import Settings
+from finetune.storage import Bucket
 
 
 def estimate_recipe(
-    recipe_path: Path,
+    recipe: Recipe,
+    bucket: Bucket,
     settings: Settings,
     *,
     registry: Registry,
     device: str = "h100",
     results: Path | None = None,
-    bucket_dir: Path | None = None,
     workers: int = 1,
     allowances: Allowances | None = None,
+    label: str | None = None,
 ) -> Estimate:
     """Estimate what a recipe's job will take on a device.
 
     Args:
-        recipe_path: The recipe file.
+        recipe: A validated recipe.
+        bucket: The tenant's bucket the recipe's paths are in.
         settings: Engine settings (model store, data cache, benchmark results folder).
         registry: The model registry.
         device: ``h100`` (= ``h100-sxm``), ``h100-sxm``, ``h100-pcie``, ``h200`` or ``cpu`` (this machine).
         results: Folder of ``throughput-*.json`` results (default: ``settings.benchmark_results``).
-        bucket_dir: Folder acting as the tenant's bucket (default: the recipe's folder).
         workers: Tokenising processes.
         allowances: The assumptions for what is not measured (default: :class:`Allowances`).
+        label: What to call the recipe in the estimate (its file, on the command line).
 
     Returns:
         The estimate; its ``timing`` is None when no throughput can be had (a CPU without a
         recorded measurement), and everything else is still filled in.
 
     Raises:
-        RecipeError: The recipe is invalid or cannot run on the device (every issue located).
+        RecipeError: The recipe cannot run on the device (every issue located).
         DataError: The dataset cannot be used as the recipe says.
         ModelStoreError: A custom model is not in the bucket.
     """
-    from finetune.data.pipeline import prepare
-    from finetune.storage import Bucket
-    from finetune.train.loop import as_rows
-    from finetune.train.plan import make_plan
-    from finetune.validate import environment_issues, load_recipe
+    from finetune.prepare import prepare_job
+    from finetune.train.launch import check_environment
 
     allowances = allowances or Allowances()
     dev = device_for(device)
     results = results or settings.benchmark_results
-    recipe = load_recipe(recipe_path, registry)
     gpus = recipe.resources.gpus
-    issues = environment_issues(recipe, cuda_available=dev.is_gpu, devices=gpus)
-    if issues:
-        raise RecipeError(issues, f"{recipe_path} cannot run on {dev.kind}")
-    bucket = Bucket.folder(bucket_dir or recipe_path.parent)
-    source = model_source(recipe, registry, settings.store_path, bucket)
-    cache_dir = settings.data_dir / "cache" / "data" if source.folder is not None else None
-    prepared = prepare(
-        recipe, bucket, source.tokenizer, model_dir=source.folder, eot=source.eot, cache_dir=cache_dir, workers=workers
-    )
-    report = prepared.report
+    check_environment(recipe, cuda=dev.is_gpu, devices=gpus, what=dev.kind)
+    job = prepare_job(recipe, bucket, settings, registry=registry, workers=workers, stand_in=True)
+    source, report, plan, rows = job.model, job.report, job.plan, job.train_rows
     packed = recipe.data.packing
-    rows = as_rows(prepared.train, packed)
     documents = [n for r in rows for n in (getattr(r, "doc_lengths", None) or [len(r)])]
     attn_len = attention_length(documents)
-    row_tokens = recipe.data.max_seq_len if packed else max(1, report.tokens_train // max(1, len(rows)))
-    plan = make_plan(recipe, rows=len(rows), world_size=gpus, row_tokens=row_tokens)
     counts = count_on_meta(source.config, recipe)
     bf16 = _bf16(recipe, dev)
     method = recipe.method.type
@@ -134,14 +122,14 @@ def estimate_recipe(
     weight_bytes = 2 if bf16 else 4
     timing = _timing(
         throughput, allowances, dev, plan=plan_facts, eval_tokens=report.tokens_eval, eval_flops=eval_fl,
-        has_eval=bool(prepared.eval), eval_every=plan.eval_every, save_every_steps=plan.save_every_steps,
+        has_eval=bool(job.eval_rows), eval_every=plan.eval_every, save_every_steps=plan.save_every_steps,
         save_every_s=plan.save_every_seconds, trainable=counts.trainable, weight_bytes=weight_bytes,
         load_bytes=stored_weight_bytes(source.folder, counts.params),
         data_tokens=report.tokens_train + report.tokens_eval,
     )  # fmt: skip
     memory = _memory(recipe, dev, counts, bf16)
     estimate = Estimate(
-        recipe=str(recipe_path), name=recipe.name, method=method, device=dev, model=model, data=data,
+        recipe=label or recipe.name or "recipe", name=recipe.name, method=method, device=dev, model=model, data=data,
         plan=plan_facts, flops=flops, throughput=throughput, timing=timing, memory=memory, allowances=allowances,
         warnings=list(table.skipped),
     )  # fmt: skip
@@ -247,7 +235,7 @@ def _assumptions(e: Estimate, stand_in: bool) -> list[str]:
         out.append(f"{p.gpus} GPUs keep the per-GPU throughput (data parallel, no loss to communication assumed)")
     if e.timing is not None:
         out += [
-            f"training span (from the `start` to the `end` event of metrics.jsonl): the steps, {e.timing.evaluations} "
+            f"training span (from the job's `start` event to its `end` event): the steps, {e.timing.evaluations} "
             f"evaluation(s) (every {p.eval_every or '-'} steps and after the last), {e.timing.checkpoints} "
             "checkpoint(s) (by steps, by time, and after the last step) and the final model",
             f"checkpoint: {a.checkpoint_fixed_s:g} s + trainable weights ({e.model.dtype}) and AdamW states written "

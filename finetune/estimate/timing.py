@@ -2,7 +2,7 @@
 
 The wall time of a job is its **start-up** (allocation to the first step: scheduling, processes,
 imports, data preparation, model load, DeepSpeed initialisation) plus its **training span**, the
-span from the ``start`` event to the ``end`` event of ``metrics.jsonl``: every optimizer step,
+span from the job's ``start`` event to its ``end`` event: every optimizer step,
 the evaluations, the checkpoints and the final model. Steps and evaluations come from a throughput;
 checkpoints and the final model from the bytes they write; the start-up is an allowance.
 
@@ -159,7 +159,7 @@ class Timing:
 
     @property
     def span_s(self) -> float:
-        """From the ``start`` event to the ``end`` event of ``metrics.jsonl``."""
+        """From the job's ``start`` event to its ``end`` event."""
         return self.train_s + self.eval_s + self.checkpoint_s + self.final_s
 
     @property

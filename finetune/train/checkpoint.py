@@ -1,34 +1,29 @@
-"""Training checkpoints of a DeepSpeed engine: save every rank's state, commit once, resume exactly.
+"""Training checkpoints of a DeepSpeed engine: every rank writes locally, uploads, rank 0 commits.
 
 :func:`save_checkpoint` is collective (every rank calls it): each rank has DeepSpeed write its
-share into a temporary folder and adds its RNG states; rank 0 adds the trainer state and the
-resolved recipe, then commits the folder (marker with digests written last, atomic rename; the
-protocol and its crash windows are described in :mod:`finetune.train.checkpoint_files`) and
-tells every rank the outcome. Old checkpoints are pruned only after the new one is committed.
+share into its own node-local scratch folder, adds its RNG states, and uploads its files into the
+job's store; rank 0 adds the trainer state and the resolved recipe, and once every rank's upload
+is listed in the bucket with its size, writes the signed manifest (``COMMITTED.json``) last
+(protocol and crash windows: :mod:`finetune.train.checkpoint_files`). Old checkpoints are pruned
+only after the new one is committed.
 
-What a checkpoint folder holds::
+:func:`load_latest` is collective too: rank 0 picks the newest checkpoint whose signed manifest
+checks out; every rank downloads the files it needs into its own scratch folder, each checked
+against its digest while it is written; only when every rank has all its files intact does
+DeepSpeed read them, with torch's restricted unpickler (:mod:`finetune.train.safe_load`). A
+refused checkpoint is named with the reason and the next older one is tried.
+
+What a checkpoint holds::
 
     deepspeed/mp_rank_00_model_states.pt       module weights (trainable only for adapters),
                                                DeepSpeed counters, and the optimizer when not ZeRO
     deepspeed/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   ZeRO: rank r's optimizer shard
     deepspeed/zero_pp_rank_<r>_mp_rank_00_model_states.pt   ZeRO-3: rank r's model states
-    zero_to_fp32.py, zero_to_torch.py          DeepSpeed's recovery scripts (ZeRO; never run)
+    zero_to_fp32.py                            DeepSpeed's recovery script (never fetched, never run)
     rng/rank-<r>.safetensors                   python, numpy, torch CPU and CUDA RNG states
     trainer_state.json                         the loop's state, verbatim (JSON)
     recipe.json                                the resolved recipe
-    COMMITTED.json                             the marker, written last
-
-DeepSpeed's own ``latest`` file is not written (``save_latest=False``); the newest complete
-checkpoint is found from the markers (:func:`finetune.train.checkpoint_files.find_latest`).
-
-Pickle: DeepSpeed writes its files with ``torch.save`` and reads them back with
-``torch.load(weights_only=False)``, i.e. pickle. The rule "only ``.safetensors`` weights are ever
-read" is about models that come from outside. These files are ones this engine wrote into its own
-job folder, and before any of them is loaded rank 0 checks every file's sha256 against the marker
-written with them, so the bytes unpickled are the bytes we pickled. Everything we add ourselves
-(RNG states, trainer state, recipe) is safetensors or JSON. Never resume from a checkpoint folder
-that a tenant could have written to (for instance one copied back from a tenant bucket): the
-digests prove integrity, not origin.
+    COMMITTED.json                             the signed manifest, written last
 
 Resuming on another number of workers: the model-states file of ZeRO-0/1/2 is whole, but the
 optimizer state of ZeRO-1/2/3 is sharded per worker, and DeepSpeed refuses to re-partition it. So
@@ -41,10 +36,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
+import re
+import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,32 +52,32 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune.files import write_json_atomic
+from finetune.jobstore import JobStore
+from finetune.published import FolderRefused, commit_folder, fetch_folder, remove_folder, upload_files
+from finetune.signing import SigningKey, VerifyKey
 from finetune.train.checkpoint_files import (
     CheckpointError,
     CheckpointInfo,
-    checkpoints_root,
+    check_checkpoint,
+    checkpoint_path,
     find_latest,
     prune,
-    read_marker,
-    remove_folder,
-    step_dir,
-    tmp_dir,
-    verify,
-    write_committed,
-    write_json_atomic,
+    recipe_digest,
+    step_name,
 )
 
 __all__ = [
     "CheckpointError",
     "CheckpointInfo",
+    "Resumed",
     "ResumeState",
+    "SavedCheckpoint",
     "find_latest",
     "load_latest",
     "prune",
     "resume_problem",
     "save_checkpoint",
-    "verify",
-    "write_committed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,7 +98,7 @@ class ResumeState:
         data_position: The loop's data position, as it gave it.
         trainer_state: The loop's state dict, exactly as it was passed to :func:`save_checkpoint`.
         recipe: The resolved recipe the checkpoint was written under.
-        path: The checkpoint folder resumed from.
+        name: The checkpoint resumed from.
     """
 
     step: int
@@ -109,32 +106,81 @@ class ResumeState:
     data_position: dict[str, Any]
     trainer_state: dict[str, Any]
     recipe: dict[str, Any]
-    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What :func:`load_latest` found: the state resumed (None: start afresh) and what it refused."""
+
+    state: ResumeState | None
+    refused: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint just committed (or found already committed)."""
+
+    name: str
+    files: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process in the checkpoint collectives."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
 # ----------------------------------------------------------------------------- collectives
-def _active(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
-
-
-def _on_rank0(fn: Callable[[], T], rank: int, active: bool) -> T:
+def _on_rank0(fn: Callable[[], T], me: Rank) -> T:
     """Run ``fn`` on rank 0 and hand its result (or its failure) to every rank."""
-    if rank != 0 and not active:
-        raise CheckpointError(f"rank {rank} called a checkpoint collective without an initialised process group")
+    if me.rank != 0 and not me.active:
+        raise CheckpointError(f"rank {me.rank} called a checkpoint collective without an initialised process group")
     outcome: list[Any] = [None]
-    if rank == 0:
+    if me.rank == 0:
         try:
             outcome = [("ok", fn())]
         except Exception as exc:
-            if active:
+            if me.active:
                 dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
             raise
-    if active:
+    if me.active:
         dist.broadcast_object_list(outcome, src=0)
     status, value = outcome[0]
     if status == "error":
         raise CheckpointError(f"rank 0 failed: {value}")
     return value
+
+
+def _everyone(fn: Callable[[], T], me: Rank) -> list[tuple[str, Any]]:
+    """Run ``fn`` on every rank without letting one rank's failure hang the others.
+
+    Returns every rank's ``("ok", result)`` or ``("error", message)``, in rank order.
+    """
+    try:
+        mine: tuple[str, Any] = ("ok", fn())
+    except Exception as exc:
+        logger.warning("rank %d: %s: %s", me.rank, type(exc).__name__, exc)
+        mine = ("error", f"{type(exc).__name__}: {exc}")
+    if not me.active:
+        return [mine]
+    gathered: list[Any] = [None] * me.world_size
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _raise_failures(results: list[tuple[str, Any]], what: str) -> None:
+    failed = [f"rank {r}: {value}" for r, (status, value) in enumerate(results) if status == "error"]
+    if failed:
+        raise CheckpointError(f"{what} failed on {'; '.join(failed)}")
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -207,92 +253,118 @@ def _json_safe(value: Any, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- saving
-def _prepare(job_dir: Path, step: int) -> str | None:
-    """Rank 0: the temporary folder's name, or None when ``step`` is already committed."""
-    final = step_dir(job_dir, step)
-    if final.exists():
-        problems = verify(final, digests=False)
-        if not problems:
-            logger.info("checkpoint of step %d already committed: %s", step, final)
-            return None
-        logger.warning("removing incomplete %s before writing it again: %s", final, "; ".join(problems))
-        remove_folder(final)
-    tmp = tmp_dir(job_dir, step, str(os.getpid()))
-    if tmp.exists():
-        remove_folder(tmp)
-    tmp.mkdir(parents=True)
-    return tmp.name
+def _prepare(store: JobStore, step: int, key: VerifyKey) -> bool:
+    """Rank 0: False when ``step`` is already committed; else removes any leftover of it."""
+    name = step_name(step)
+    if store.bucket.exists(checkpoint_path(store, name)):
+        try:
+            check_checkpoint(store, name, key)
+            logger.info("checkpoint %s already committed", name)
+            return False
+        except FolderRefused as exc:
+            logger.warning("removing the leftover %s before writing it again: %s", name, exc)
+            remove_folder(store.bucket, checkpoint_path(store, name))
+    return True
+
+
+def _write_local(local: Path, engine: Any, me: Rank, state: dict[str, Any], recipe_json: dict[str, Any]) -> None:
+    """This rank's files of the checkpoint, in its own scratch folder."""
+    if local.exists():
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    frozen = bool(_frozen_names(engine))
+    engine.save_checkpoint(str(local), tag=DS_TAG, client_state={}, save_latest=False, exclude_frozen_parameters=frozen)
+    for script in local.glob("*.py"):  # DeepSpeed's recovery scripts: never run, so never published
+        script.unlink()
+    save_rng(local / rng_name(me.rank))
+    if me.rank == 0:
+        write_json_atomic(local / TRAINER_STATE, state)
+        write_json_atomic(local / RECIPE, recipe_json)
 
 
 def save_checkpoint(
-    job_dir: Path,
+    store: JobStore,
     step: int,
     engine: Any,
     *,
     state: dict[str, Any],
     recipe_json: dict[str, Any],
-    rank: int,
-    world_size: int,
+    me: Rank,
+    scratch: Path,
+    key: SigningKey,
     keep: int | None = None,
-) -> Path:
-    """Write and commit a checkpoint of ``step``. Collective: every rank must call it.
+) -> SavedCheckpoint:
+    """Write, upload and commit the checkpoint of ``step``. Collective: every rank must call it.
 
     Args:
-        job_dir: The job folder; checkpoints go to ``<job_dir>/checkpoints``.
+        store: The job's store; checkpoints go to ``<prefix>/checkpoints``.
         step: Optimizer steps taken so far.
         engine: The DeepSpeed engine (``save_checkpoint``, ``zero_optimization_stage``, ``module``).
         state: The loop's state (JSON-safe); saved verbatim as ``trainer_state.json``. Its
-            ``epoch`` and ``data_position`` keys, when present, are copied into the marker.
+            ``epoch`` and ``data_position`` keys, when present, are copied into the manifest.
         recipe_json: The resolved recipe (JSON-safe).
-        rank: This process's global rank.
-        world_size: Number of workers.
+        me: This process's rank and the number of workers.
+        scratch: This rank's own node-local scratch folder.
+        key: The platform key that signs the manifest.
         keep: When given, prune to this many complete checkpoints after the commit.
 
     Returns:
-        The committed folder (on every rank, once rank 0 has committed it).
+        The committed checkpoint (on every rank, once rank 0 has committed it).
 
     Raises:
-        CheckpointError: The state is not JSON-safe, or rank 0 failed to commit (on the other
-            ranks; rank 0 raises its original error, an ``OSError`` for instance).
+        CheckpointError: The state is not JSON-safe, or a rank failed to write or upload its
+            files, or rank 0 failed to commit (every rank raises).
     """
-    job_dir = Path(job_dir)
     _json_safe(state, "the trainer state")
     _json_safe(recipe_json, "the recipe")
-    active = _active(world_size)
-    final = step_dir(job_dir, step)
-    name = _on_rank0(lambda: _prepare(job_dir, step), rank, active)
-    if name is None:
-        return final
-    tmp = checkpoints_root(job_dir) / name
-    frozen = bool(_frozen_names(engine))
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False, exclude_frozen_parameters=frozen)
-    save_rng(tmp / rng_name(rank))
-    if active:
-        dist.barrier()
+    started = time.monotonic()
+    name = step_name(step)
+    if not _on_rank0(lambda: _prepare(store, step, key.public), me):
+        return SavedCheckpoint(name, 0, 0, 0.0)
+    local = scratch / f"checkpoint-{name}"
+    rel = checkpoint_path(store, name)
+
+    _write_local(local, engine, me, state, recipe_json)  # DeepSpeed's save holds collectives of its own
+
+    def upload() -> dict[str, dict[str, Any]]:
+        try:
+            return upload_files(store.bucket, local, rel, move=True)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    uploads = _everyone(upload, me)
+    _raise_failures(uploads, f"checkpoint {name}")
     meta = {
+        "job_id": store.job_id,
+        "recipe_sha256": recipe_digest(recipe_json),
         "step": step,
         "epoch": state.get("epoch"),
         "data_position": state.get("data_position", {"step": step}),
-        "world_size": world_size,
+        "world_size": me.world_size,
         "zero_stage": int(engine.zero_optimization_stage()),
         "method": _method(recipe_json),
-        "frozen_excluded": frozen,
+        "frozen_excluded": bool(_frozen_names(engine)),
         "deepspeed_tag": DS_TAG,
         "versions": {"deepspeed": _version("deepspeed"), "torch": torch.__version__},
     }
 
-    def commit() -> None:
-        write_json_atomic(tmp / TRAINER_STATE, state)
-        write_json_atomic(tmp / RECIPE, recipe_json)
-        write_committed(tmp, final, meta)
+    def commit() -> SavedCheckpoint:
+        files: dict[str, dict[str, Any]] = {}
+        for rank, (_status, entries) in enumerate(uploads):
+            if clash := sorted(set(files) & set(entries)):
+                raise CheckpointError(f"rank {rank} uploaded files another rank did too: {clash[:3]}")
+            files.update(entries)
+        commit_folder(store.bucket, rel, "checkpoint", files, meta, key)
+        size = sum(int(e["size"]) for e in files.values())
+        return SavedCheckpoint(name, len(files), size, round(time.monotonic() - started, 3))
 
-    _on_rank0(commit, rank, active)
-    if keep is not None and rank == 0:
+    saved = _on_rank0(commit, me)
+    if keep is not None and me.rank == 0:
         try:
-            prune(job_dir, keep)
-        except OSError as exc:  # the new checkpoint is committed: a failed cleanup must not stop training
+            prune(store, keep, key.public)
+        except Exception as exc:  # the new checkpoint is committed: a failed cleanup must not stop training
             logger.warning("pruning old checkpoints failed: %s", exc)
-    return final
+    return saved
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -305,7 +377,7 @@ def resume_problem(info: CheckpointInfo, *, world_size: int, zero_stage: int, fr
         zero_stage: This engine's ZeRO stage.
         frozen: Whether this engine has frozen parameters (adapter methods).
     """
-    name, was = info.path.name, info.world_size
+    name, was = info.name, info.world_size
     if bool(info.marker.get("frozen_excluded")) != frozen:
         kind = "an adapter run (frozen base weights not saved)" if not frozen else "a run training every weight"
         return f"checkpoint {name} was written by {kind}; this run's method differs: resume with the same method"
@@ -323,9 +395,25 @@ def resume_problem(info: CheckpointInfo, *, world_size: int, zero_stage: int, fr
     return None
 
 
-def _choose(job_dir: Path) -> str | None:
-    info = find_latest(job_dir, digests=True)
-    return info.path.name if info else None
+_OWN_ONLY = (
+    re.compile(r"^rng/rank-(\d+)\.safetensors$"),
+    re.compile(r"^deepspeed/zero_pp_rank_(\d+)_mp_rank_\d+_model_states\.pt$"),
+)
+
+
+def needed_by(rank: int) -> Callable[[str], bool]:
+    """Which files of a checkpoint a rank fetches: its own RNG state and ZeRO-3 model states, the
+    optimizer shards of every rank (DeepSpeed reads them all), the shared files; never scripts."""
+
+    def wanted(name: str) -> bool:
+        if name.endswith(".py"):
+            return False
+        for pattern in _OWN_ONLY:
+            if match := pattern.match(name):
+                return int(match.group(1)) == rank
+        return True
+
+    return wanted
 
 
 def _strict_except_frozen(frozen: set[str]) -> Callable[..., None]:
@@ -341,73 +429,105 @@ def _strict_except_frozen(frozen: set[str]) -> Callable[..., None]:
     return load
 
 
-def _load_engine(engine: Any, info: CheckpointInfo) -> None:
+def _load_engine(engine: Any, local: Path, info: CheckpointInfo) -> None:
+    from finetune.train.safe_load import restricted_deepspeed_loads
+
     frozen = _frozen_names(engine)
     tag = str(info.marker.get("deepspeed_tag", DS_TAG))
-    load_path, _ = engine.load_checkpoint(
-        str(info.path),
-        tag=tag,
-        load_module_strict=not frozen,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        custom_load_fn=_strict_except_frozen(frozen) if frozen else None,
-    )
+    with restricted_deepspeed_loads(engine):
+        load_path, _ = engine.load_checkpoint(
+            str(local),
+            tag=tag,
+            load_module_strict=not frozen,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=_strict_except_frozen(frozen) if frozen else None,
+        )
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint files in {info.path / tag}")
+        raise CheckpointError(f"DeepSpeed found no checkpoint files in {info.name}/{tag}")
 
 
-def load_latest(job_dir: Path, engine: Any, *, world_size: int, rank: int | None = None) -> ResumeState | None:
-    """Restore the newest complete checkpoint into ``engine`` and this process. Collective.
+def _choose(store: JobStore, key: VerifyKey, recipe: str, refused: list[str]) -> CheckpointInfo | None:
+    passed_over = tuple(r.split(":", 1)[0] for r in refused)
+    info, newly = find_latest(store, key, recipe=recipe, passed_over=passed_over)
+    refused.extend(newly)
+    return info
 
-    Rank 0 chooses the checkpoint and verifies every file's digest; the other ranks check the
-    marker and file sizes of the one it chose. Incomplete or damaged checkpoints are skipped with
-    a warning naming why.
+
+def _fetch(store: JobStore, info: CheckpointInfo, local: Path, rank: int) -> None:
+    if local.exists():
+        shutil.rmtree(local)
+    fetch_folder(store.bucket, checkpoint_path(store, info.name), info.marker, local, wanted=needed_by(rank))
+
+
+def load_latest(
+    store: JobStore, engine: Any, *, recipe_json: dict[str, Any], me: Rank, scratch: Path, key: VerifyKey
+) -> Resumed:
+    """Restore the newest trustworthy checkpoint into ``engine`` and this process. Collective.
 
     Args:
-        job_dir: The job folder.
+        store: The job's store.
         engine: A freshly built DeepSpeed engine of the same model, method and ZeRO stage.
-        world_size: Workers in this run.
-        rank: This process's global rank (default: from the process group, else 0).
+        recipe_json: The job's resolved recipe: checkpoints written under another are passed over.
+        me: This process's rank and the number of workers.
+        scratch: This rank's own node-local scratch folder.
+        key: The platform's public key.
 
     Returns:
-        Where to continue from, or None when there is no complete checkpoint (start afresh).
+        The state to continue from (None: no trustworthy checkpoint, start afresh), and every
+        checkpoint refused on the way with the reason (``"NAME: why"``).
 
     Raises:
-        CheckpointError: The checkpoint cannot be resumed by this run (and what to do instead).
+        CheckpointError: The checkpoint cannot be resumed by this run (and what to do instead),
+            or a rank could not reach the store.
     """
-    job_dir = Path(job_dir)
-    if rank is None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    name = _on_rank0(lambda: _choose(job_dir), rank, _active(world_size))
-    if name is None:
-        logger.info("no complete checkpoint under %s: starting from step 0", checkpoints_root(job_dir))
-        return None
-    path = checkpoints_root(job_dir) / name
-    if rank != 0 and (problems := verify(path, digests=False)):
-        raise CheckpointError(f"{path}: {'; '.join(problems)}")
-    marker = read_marker(path)
-    info = CheckpointInfo(path=path, step=int(marker["step"]), marker=marker)
+    refused: list[str] = []
+    local, recipe = scratch / "resume", recipe_digest(recipe_json)
+    while True:
+        chosen = _on_rank0(lambda: _choose(store, key, recipe, refused), me)
+        if me.active:  # every rank reports the same refusals
+            box: list[Any] = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused[:] = list(box[0])
+        if chosen is None:
+            logger.info("no trustworthy checkpoint in %s: starting from step 0", store.describe("checkpoints"))
+            return Resumed(None, refused)
+        results = _everyone(lambda: _fetch(store, chosen, local, me.rank), me)  # noqa: B023
+        problems = [f"{value} (rank {r})" for r, (status, value) in enumerate(results) if status == "error"]
+        if not problems:
+            break
+        shutil.rmtree(local, ignore_errors=True)
+        refused.append(f"{chosen.name}: {'; '.join(problems)}")
+        logger.warning("refusing checkpoint %s: %s", chosen.name, "; ".join(problems))
+    try:
+        return Resumed(_restore(engine, local, chosen, me), refused)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _restore(engine: Any, local: Path, info: CheckpointInfo, me: Rank) -> ResumeState:
     zero_stage, frozen = int(engine.zero_optimization_stage()), bool(_frozen_names(engine))
-    if problem := resume_problem(info, world_size=world_size, zero_stage=zero_stage, frozen=frozen):
+    if problem := resume_problem(info, world_size=me.world_size, zero_stage=zero_stage, frozen=frozen):
         raise CheckpointError(problem)
-    if info.world_size != world_size:
+    if info.world_size != me.world_size:
         logger.warning(
             "resuming %s, written by %d worker(s), on %d: weights and optimizer state are exact, but batches "
             "and dropout masks will differ from the uninterrupted run",
-            name, info.world_size, world_size,
+            info.name, info.world_size, me.world_size,
         )  # fmt: skip
-    _load_engine(engine, info)
-    rng = path / rng_name(rank)
+    _load_engine(engine, local, info)
+    rng = local / rng_name(me.rank)
     if rng.is_file():
         restore_rng(rng)
     else:
-        logger.warning("%s has no RNG state for rank %d: this rank keeps its current RNG", name, rank)
-    logger.info("resumed from %s (step %d)", path, info.step)
+        logger.warning("%s has no RNG state for rank %d: this rank keeps its current RNG", info.name, me.rank)
+    logger.info("resumed from %s (step %d)", info.name, info.step)
+    marker = info.marker
     return ResumeState(
         step=info.step,
         epoch=marker.get("epoch"),
         data_position=dict(marker.get("data_position") or {}),
-        trainer_state=json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")),
-        recipe=json.loads((path / RECIPE).read_text(encoding="utf-8")),
-        path=path,
+        trainer_state=json.loads((local / TRAINER_STATE).read_text(encoding="utf-8")),
+        recipe=json.loads((local / RECIPE).read_text(encoding="utf-8")),
+        name=info.name,
     )

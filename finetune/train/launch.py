@@ -1,10 +1,9 @@
 """Starting a job: everything checked before any work starts, then one process or Ray workers.
 
-Before a worker starts: the recipe is valid, the method can run here (QLoRA needs CUDA), there
-are enough devices, the model is in the store, and the dataset is prepared (and cached, so each
-worker loads the same rows). The job folder holds the resolved recipe, the data report,
-``metrics.jsonl``, ``checkpoints/`` and ``final/``. Running the same recipe into the same job
-folder again resumes it; a different recipe there is refused.
+Before a worker starts: the recipe can run here (QLoRA needs CUDA; enough devices), the model is
+in the store, the dataset is prepared, and the job's store holds its claim (the resolved recipe),
+the data report and the prepared data (signed, for the workers to fetch). Starting the same
+recipe into the same job store again resumes it; a different recipe or dataset there is refused.
 """
 
 from __future__ import annotations
@@ -12,94 +11,123 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
-from typing import Any
 
 from finetune.errors import FinetuneError, Issue, RecipeError
+from finetune.events import JobSummary
+from finetune.jobstore import DATA_REPORT, RECIPE, JobStore
+from finetune.prepare import PreparedJob, prepare_job
 from finetune.recipe import Recipe
 from finetune.registry import Registry
 from finetune.settings import Settings
-from finetune.train.run import JobSpec
+from finetune.storage import Bucket
+from finetune.train.spec import JobSpec
+
+__all__ = ["JobFolderError", "check_environment", "launch", "plan_job", "stage_job"]
 
 logger = logging.getLogger(__name__)
 
-RECIPE_FILE = "recipe.json"
-
 
 class JobFolderError(FinetuneError):
-    """The job folder belongs to another recipe."""
+    """The job's store belongs to another recipe."""
+
+    fault = "tenant"
 
 
-def _claim_job_dir(job_dir: Path, recipe: Recipe) -> None:
+def check_environment(recipe: Recipe, *, cuda: bool, devices: int, what: str = "this machine") -> None:
+    """Refuse a recipe that cannot run where it is sent (every reason at once).
+
+    Raises:
+        RecipeError: QLoRA without CUDA, more GPUs than there are...
+    """
+    from finetune.validate import environment_issues
+
+    if issues := environment_issues(recipe, cuda_available=cuda, devices=devices):
+        raise RecipeError(issues, f"the recipe cannot run on {what}")
+
+
+def _claim(store: JobStore, recipe: Recipe) -> None:
+    """Write the resolved recipe as the store's claim, or check it is this recipe's (a resume)."""
     resolved = recipe.model_dump(mode="json")
-    path = job_dir / RECIPE_FILE
-    if path.exists():
-        previous = json.loads(path.read_text(encoding="utf-8"))
+    rel = store.path(RECIPE)
+    if store.bucket.exists(rel):
+        try:
+            previous = json.loads(store.bucket.read_bytes(rel))
+        except ValueError:
+            previous = None
         if previous != resolved:
             raise JobFolderError(
-                f"{job_dir} holds a job with a different recipe; choose another --output, or remove it to start over"
+                f"{store.describe()} holds a job with a different recipe; choose another job folder (--output), "
+                "or remove it to start over"
             )
         return
-    job_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(resolved, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    store.bucket.write_bytes(rel, (json.dumps(resolved, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def stage_job(job: PreparedJob, store: JobStore, settings: Settings, *, progress: bool = False) -> JobSpec:
+    """Claim the job's store, publish its data report and prepared data; the spec for the workers.
+
+    Raises:
+        JobFolderError: The store holds a job with another recipe.
+        JobDataError: The store holds a job started on other data.
+    """
+    from finetune.train.data import publish_prepared
+
+    if job.model.folder is None:
+        raise FinetuneError("a job can only be staged with its real model in the store")
+    _claim(store, job.recipe)
+    report = json.dumps(job.report.as_dict(), indent=2, ensure_ascii=False) + "\n"
+    store.bucket.write_bytes(store.path(DATA_REPORT), report.encode())
+    publish_prepared(job, store, settings.signer())
+    return JobSpec(
+        store=store.ref(),
+        recipe=job.recipe.model_dump(mode="json"),
+        model_dir=str(job.model.folder.resolve()),
+        eot=job.model.eot,
+        settings=settings.for_workers(),
+        progress=progress,
+    )
 
 
 def plan_job(
-    recipe_path: Path,
+    recipe: Recipe,
+    bucket: Bucket,
+    store: JobStore,
     settings: Settings,
     *,
     registry: Registry,
-    output: Path | None = None,
-    bucket_dir: Path | None = None,
     workers: int | None = None,
     progress: bool = False,
-) -> tuple[JobSpec, dict[str, Any]]:
-    """Check everything, prepare the data, and return the job spec and the data report.
+) -> tuple[JobSpec, PreparedJob]:
+    """Check everything, prepare the data and stage the job: the spec for the workers, and the job.
+
+    Args:
+        recipe: A validated recipe.
+        bucket: The tenant's bucket the recipe's paths are in.
+        store: Where the job's outputs go.
+        settings: Engine settings.
+        registry: The model registry.
+        workers: Workers (GPUs), overriding ``resources.gpus``.
+        progress: Workers print progress lines.
 
     Raises:
-        RecipeError: the recipe is invalid, or cannot run on this machine (with every reason).
-        ModelStoreError: the model is not in the store.
-        DataError: the dataset cannot be used as the recipe says.
+        RecipeError: The recipe cannot run on this machine (with every reason).
+        ModelStoreError: The model is not in the store.
+        DataError: The dataset cannot be used as the recipe says.
+        JobFolderError: The store holds a job with another recipe.
     """
     import torch
 
-    from finetune.data.pipeline import prepare
-    from finetune.loading import load_tokenizer, model_folder
-    from finetune.storage import Bucket
-    from finetune.validate import environment_issues, load_recipe
-
-    recipe = load_recipe(recipe_path, registry)
     if workers is not None:
         recipe = recipe.model_copy(update={"resources": recipe.resources.model_copy(update={"gpus": workers})})
     cuda = torch.cuda.is_available()
-    issues = environment_issues(recipe, cuda_available=cuda, devices=torch.cuda.device_count() if cuda else 0)
-    if issues:
-        raise RecipeError(issues, f"{recipe_path} cannot run on this machine")
-    bucket = Bucket.folder(bucket_dir or recipe_path.parent)
-    model_dir = model_folder(recipe, registry, settings.store_path, bucket)
-    job_dir = output or settings.data_dir / "jobs" / (recipe.name or recipe_path.stem)
-    _claim_job_dir(job_dir, recipe)
-    entry = registry.get(recipe.model.id) if recipe.model.id else None
-    eot = entry.chat.eot if entry is not None and entry.chat is not None else None
-    cache_dir = settings.data_dir / "cache" / "data"
-    prepared = prepare(recipe, bucket, load_tokenizer(model_dir), model_dir=model_dir, eot=eot, cache_dir=cache_dir)
-    report = prepared.report.as_dict()
-    (job_dir / "data_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    spec = JobSpec(
-        recipe=recipe.model_dump(mode="json"),
-        job_dir=str(job_dir.resolve()),
-        model_dir=str(model_dir.resolve()),
-        bucket_dir=str(Path(bucket.root).resolve()),
-        cache_dir=str(cache_dir.resolve()),
-        eot=eot,
-        progress=progress,
-    )
-    return spec, report
+    check_environment(recipe, cuda=cuda, devices=torch.cuda.device_count() if cuda else 0)
+    job = prepare_job(recipe, bucket, settings, registry=registry)
+    return stage_job(job, store, settings, progress=progress), job
 
 
-def launch(spec: JobSpec, launcher: str) -> dict[str, Any]:
+def launch(spec: JobSpec, launcher: str, settings: Settings) -> JobSummary:
     """Run the job in this process (``local``) or on Ray workers, one per GPU (``ray``)."""
-    gpus = int(spec.recipe["resources"]["gpus"])
+    gpus = spec.workers
     if launcher == "local":
         if gpus > 1:
             issue = Issue("resources.gpus", f"asks for {gpus} workers but --launcher local runs one")
@@ -110,9 +138,9 @@ def launch(spec: JobSpec, launcher: str) -> dict[str, Any]:
     import torch
 
     cpus = os.cpu_count() or 1
-    if not torch.cuda.is_available() and gpus > cpus and not os.environ.get("RAY_ADDRESS"):
+    if not torch.cuda.is_available() and gpus > cpus and not settings.ray_address:
         issue = Issue("resources.gpus", f"asks for {gpus} workers but this machine has {cpus} CPU cores and no GPU")
         raise RecipeError([issue], "not enough devices: Ray would wait for them forever")
-    from workers.train import run_with_ray
+    from finetune.train.ray_launch import run_on_ray
 
-    return run_with_ray(spec, num_workers=gpus)
+    return run_on_ray(spec, settings)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from finetune.data.packing import collate, collate_padded
 from finetune.data.types import IGNORE_INDEX, PackedRow, TokenizedSample
+from finetune.events import EvalEvent, PreemptedEvent, StepEvent
 from finetune.train.metrics import MetricsSink
 from finetune.train.plan import Plan
 
@@ -239,28 +240,22 @@ def run_loop(
             figures = train_step(engine, plan.micro_batches(step, worker.rank), train_rows, pad_id, worker)
             seconds = time.perf_counter() - start
             state.step = step + 1
-            record = {
-                "kind": "train",
-                "step": state.step,
-                "epoch": round(plan.epoch_of(state.step), 4),
-                "lr": plan.schedule.lr(step),
-                **figures,
-                "step_time": round(seconds, 4),
-                "tokens_per_s": figures["tokens"] / seconds,
-                "peak_memory": _peak_memory(),
-            }
             if worker.is_main:
-                sink.emit(record)
+                sink.emit(StepEvent(
+                    step=state.step, epoch=round(plan.epoch_of(state.step), 4), lr=plan.schedule.lr(step), **figures,
+                    step_time=round(seconds, 4), tokens_per_s=figures["tokens"] / seconds, peak_memory=_peak_memory(),
+                ))  # fmt: skip
             if not math.isfinite(figures["loss"]):
                 raise FloatingPointError(f"the loss is {figures['loss']} at step {state.step}: lower the learning rate")
             if plan.eval_every and eval_rows and (state.step % plan.eval_every == 0 or state.step == plan.total_steps):
                 state.last_eval = evaluate(engine, eval_rows, plan, pad_id, worker)
                 if worker.is_main:
-                    sink.emit({"kind": "eval", "step": state.step, **state.last_eval})
+                    sink.emit(EvalEvent(step=state.step, **state.last_eval))
                 if _early_stop(state, patience, min_delta):
                     state.stopped_early = True
             stop_wanted = bool(hooks.should_stop and hooks.should_stop())
             preempted = _all_sum(int(preemption.requested or stop_wanted), worker.device) > 0
+            reason = "signal" if preemption.requested else "stop requested"
             due = (plan.save_every_steps and state.step % plan.save_every_steps == 0) or (
                 time.monotonic() - last_save >= plan.save_every_seconds
             )
@@ -268,10 +263,9 @@ def run_loop(
                 state.preempted = preempted and state.step < plan.total_steps
                 hooks.save(state)
                 last_save = time.monotonic()
+            if state.preempted and worker.is_main:
+                sink.emit(PreemptedEvent(step=state.step, reason=reason, detail="checkpoint saved"))
             if state.preempted or state.stopped_early:
-                event = "preempted" if state.preempted else "early stop"
-                if worker.is_main:
-                    sink.emit({"kind": "event", "event": event, "step": state.step, "detail": "checkpoint saved"})
                 break
     return state
 

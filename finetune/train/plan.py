@@ -74,6 +74,16 @@ class Plan:
         return [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
 
 
+def row_tokens(recipe: Recipe, rows: int, tokens: int) -> int:
+    """Tokens of a typical training row: the packed length, else the mean sample length."""
+    return recipe.data.max_seq_len if recipe.data.packing else max(1, tokens // max(1, rows))
+
+
+def plan_for(recipe: Recipe, *, rows: int, tokens: int, world_size: int) -> Plan:
+    """The plan over ``rows`` prepared training rows holding ``tokens`` tokens in all."""
+    return make_plan(recipe, rows=rows, world_size=world_size, row_tokens=row_tokens(recipe, rows, tokens))
+
+
 def make_plan(recipe: Recipe, *, rows: int, world_size: int, row_tokens: int) -> Plan:
     """The plan of a recipe over ``rows`` training rows of about ``row_tokens`` tokens each.
 

@@ -1,14 +1,16 @@
 """One worker's whole job: data, model, DeepSpeed engine, resume, loop, checkpoints, final model.
 
 The same function runs in the single process of ``--launcher local`` and in every Ray Train
-worker; it only needs the process group to exist (or creates a one-process group itself).
+worker; it only needs the process group to exist (or creates a one-process group itself). It
+reads and writes nothing shared but the job's store: the prepared data and the checkpoints come
+from the bucket into this rank's own scratch folder, checkpoints and the final model go back up.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, fault_of
+from finetune.events import (
+    CheckpointEvent,
+    EndEvent,
+    ErrorInfo,
+    EventLog,
+    FailureEvent,
+    JobSummary,
+    ResumeEvent,
+    StartEvent,
+)
 from finetune.hardware import describe
+from finetune.jobstore import FINAL, JobStore
 from finetune.recipe import Recipe
-from finetune.train.loop import Hooks, LoopState, Worker, as_rows, run_loop
-from finetune.train.metrics import Fanout, JsonlSink, MetricsSink, ProgressSink
-from finetune.train.plan import make_plan
+from finetune.train.checkpoint import Rank, Resumed
+from finetune.train.loop import Hooks, LoopState, Worker, run_loop
+from finetune.train.metrics import Fanout, MetricsSink, ProgressSink
+from finetune.train.plan import Plan, plan_for
+from finetune.train.spec import JobSpec
+
+__all__ = ["JobSpec", "TrainingError", "run_job"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +47,7 @@ logger = logging.getLogger(__name__)
 class TrainingError(FinetuneError):
     """Training stopped on an error a tenant can act on (out of memory, a diverging loss...)."""
 
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a worker needs, as plain data (it travels to Ray workers)."""
-
-    recipe: dict[str, Any]
-    job_dir: str
-    model_dir: str
-    bucket_dir: str
-    cache_dir: str
-    eot: str | None = None
-    progress: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    fault = "tenant"
 
 
 def _free_port() -> int:
@@ -105,15 +108,6 @@ def close_process_group(created: bool) -> None:
         _SAVED_ENV.clear()
 
 
-def _sinks(spec: JobSpec, worker: Worker, total_steps: int) -> MetricsSink:
-    if not worker.is_main:
-        return Fanout([])
-    sinks: list[MetricsSink] = [JsonlSink(Path(spec.job_dir) / "metrics.jsonl")]
-    if spec.progress:
-        sinks.append(ProgressSink(total_steps, every=max(1, total_steps // 50)))
-    return Fanout(sinks)
-
-
 def build_engine(recipe: Recipe, model_dir: Path, plan: Any, worker: Worker, cuda: bool) -> tuple[Any, int, str]:
     """The model, wrapped in a DeepSpeed engine with the ZeRO stage chosen for it.
 
@@ -148,16 +142,20 @@ def build_engine(recipe: Recipe, model_dir: Path, plan: Any, worker: Worker, cud
     return engine, stage, why
 
 
-def run_job(spec: JobSpec) -> dict[str, Any]:
-    """Train as the spec says; resume from the newest complete checkpoint if there is one."""
+def run_job(spec: JobSpec) -> JobSummary:
+    """Train as the spec says; resume from the newest trustworthy checkpoint in the job's store."""
     recipe = Recipe.model_validate(spec.recipe)
+    settings = spec.open_settings()
     cuda = torch.cuda.is_available()
     worker, created = init_process_group(cuda)
+    scratch = settings.scratch_path / spec.job_id / f"rank-{worker.rank}"
     try:
-        return _run(spec, recipe, worker, cuda)
+        job = _Job(spec, recipe, JobStore.open(spec.store, settings), worker, cuda, scratch, settings)
+        return job.run()
     finally:
         close_process_group(created)
         _forget_zero3_loading()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _forget_zero3_loading() -> None:
@@ -172,69 +170,151 @@ def _forget_zero3_loading() -> None:
     unset_hf_deepspeed_config()
 
 
-def _run(spec: JobSpec, recipe: Recipe, worker: Worker, cuda: bool) -> dict[str, Any]:
-    from finetune.data.pipeline import prepare
+@dataclass
+class _Job:
+    spec: JobSpec
+    recipe: Recipe
+    store: JobStore
+    worker: Worker
+    cuda: bool
+    scratch: Path
+    settings: Any
+
+    def run(self) -> JobSummary:
+        from finetune.train.checkpoint import load_latest
+        from finetune.train.data import fetch_prepared
+
+        signer = self.settings.signer()
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        sink = self._sinks()
+        state = LoopState()
+        try:
+            rows = fetch_prepared(self.store, signer.public, self.scratch / "data", self.recipe.data.packing)
+            plan = plan_for(self.recipe, rows=len(rows.train), tokens=rows.tokens, world_size=self.worker.world_size)
+            if self.spec.progress and self.worker.is_main:
+                sink.sinks.append(ProgressSink(plan.total_steps, every=max(1, plan.total_steps // 50)))
+            tokenizer = _tokenizer(Path(self.spec.model_dir))
+            torch.manual_seed(self.recipe.training.seed)
+            engine, stage, why = build_engine(self.recipe, Path(self.spec.model_dir), plan, self.worker, self.cuda)
+            me = Rank(self.worker.rank, self.worker.world_size)
+            resumed = load_latest(
+                self.store, engine, recipe_json=self.spec.recipe, me=me, scratch=self.scratch, key=signer.public
+            )
+            if resumed.state is not None:
+                state = LoopState(**resumed.state.trainer_state)
+            state.preempted = state.stopped_early = False  # a resumed job goes on from where it stopped
+            if self.worker.is_main:
+                sink.emit(self._started(engine, stage, why, plan, resumed, state.step))
+            state = self._train(engine, stage, plan, rows, tokenizer, sink, state, signer, me)
+            final = None
+            if not state.preempted:
+                final = self._final(engine, tokenizer, stage, state.step, signer)
+            summary = JobSummary(
+                steps=state.step, preempted=state.preempted, stopped_early=state.stopped_early, final=final,
+                zero_stage=stage, eval=state.last_eval,
+            )  # fmt: skip
+            if self.worker.is_main:
+                sink.emit(EndEvent(step=state.step, summary=summary))
+            return summary
+        except Exception as exc:
+            if self.worker.is_main:
+                sink.emit(FailureEvent(step=state.step, error=error_info(exc)))
+            raise
+        finally:
+            sink.close()
+
+    def _sinks(self) -> Fanout:
+        """Rank 0 records the job's events in its store; the other ranks record nothing."""
+        if not self.worker.is_main:
+            return Fanout([])
+        log = EventLog(self.store.bucket, self.store.prefix, flush_seconds=self.settings.events_flush_seconds)
+        return Fanout([log])
+
+    def _started(self, engine: Any, stage: int, why: str, plan: Plan, resumed: Resumed, step: int) -> Any:
+        from finetune.train.model import count_parameters
+
+        total, trainable = count_parameters(engine.module)
+        detail = (
+            f"{trainable:,} of {total:,} parameters trained; ZeRO-{stage} ({why}); "
+            f"{plan.total_steps} steps of {plan.rows_per_step} rows"
+        )
+        common = {"step": step, "hardware": describe(self.cuda, self.worker.world_size), "zero_stage": stage,
+                  "parameters": {"total": total, "trained": trainable}, "total_steps": plan.total_steps}  # fmt: skip
+        if resumed.state is None:
+            if resumed.refused:
+                detail += f"; starting over: no trustworthy checkpoint ({'; '.join(resumed.refused)})"
+            return StartEvent(detail=detail, **common)
+        detail = f"from checkpoint {resumed.state.name} (step {step}); {detail}"
+        if resumed.refused:
+            detail += f"; passed over: {'; '.join(resumed.refused)}"
+        return ResumeEvent(detail=detail, checkpoint=resumed.state.name, refused=resumed.refused, **common)
+
+    def _train(
+        self, engine: Any, stage: int, plan: Plan, rows: Any, tokenizer: Any, sink: MetricsSink, state: LoopState,
+        signer: Any, me: Rank,
+    ) -> LoopState:  # fmt: skip
+        from finetune.train.checkpoint import save_checkpoint
+        from finetune.train.zero import oom_message
+
+        recipe = self.recipe
+
+        def save(loop_state: LoopState) -> None:  # every worker; old checkpoints pruned after the commit
+            saved = save_checkpoint(
+                self.store, loop_state.step, engine, state=loop_state.as_dict(), recipe_json=self.spec.recipe, me=me,
+                scratch=self.scratch, key=signer, keep=recipe.output.keep_checkpoints,
+            )  # fmt: skip
+            if self.worker.is_main and saved.files:
+                sink.emit(CheckpointEvent(step=loop_state.step, name=saved.name, files=saved.files,
+                                          bytes=saved.bytes, seconds=saved.seconds))  # fmt: skip
+
+        try:
+            return run_loop(
+                engine, plan, rows.train, rows.eval, pad_id=tokenizer.pad_token_id, worker=self.worker, sink=sink,
+                hooks=Hooks(save=save), state=state,
+                early_stopping=(recipe.training.early_stopping.patience, recipe.training.early_stopping.min_delta),
+            )  # fmt: skip
+        except torch.OutOfMemoryError as exc:
+            t = recipe.training
+            message = oom_message(stage, t.micro_batch_size, t.gradient_checkpointing, recipe.resources.offload)
+            raise TrainingError(f"out of memory at step {state.step + 1}: {message}") from exc
+        except FloatingPointError as exc:  # the loss diverged
+            raise TrainingError(str(exc)) from exc
+
+    def _final(self, engine: Any, tokenizer: Any, stage: int, step: int, signer: Any) -> str:
+        """Write the final model (collectively under ZeRO-3) and publish it from rank 0."""
+        from finetune.published import FolderRefused, publish_folder, read_marker, remove_folder
+        from finetune.train.final import save_final
+
+        rel = self.store.path(FINAL)
+        local = save_final(engine, tokenizer, self.scratch / FINAL, stage=stage, is_main=self.worker.is_main,
+                           eot=self.spec.eot)  # fmt: skip
+        if local is None:
+            return rel
+        meta = {"job_id": self.store.job_id, "step": step}
+        if self.store.bucket.exists(rel):
+            try:
+                if read_marker(self.store.bucket, rel, "final", signer.public).get("step") == step:
+                    logger.info("the final model of step %d is already published", step)
+                    return rel
+            except FolderRefused as exc:
+                logger.warning("replacing the final model in %s: %s", self.store.describe(FINAL), exc)
+            remove_folder(self.store.bucket, rel)
+        publish_folder(self.store.bucket, local, rel, "final", meta, signer, move=True)
+        return rel
+
+
+def _tokenizer(model_dir: Path) -> Any:
     from finetune.loading import load_tokenizer
-    from finetune.storage import Bucket
-    from finetune.train.checkpoint import load_latest, save_checkpoint
-    from finetune.train.final import save_final
-    from finetune.train.model import count_parameters
-    from finetune.train.zero import oom_message
 
-    job_dir, model_dir = Path(spec.job_dir), Path(spec.model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    prepared = prepare(
-        recipe, Bucket.folder(Path(spec.bucket_dir)), tokenizer, model_dir=model_dir, eot=spec.eot,
-        cache_dir=Path(spec.cache_dir),
-    )  # fmt: skip
-    packed = recipe.data.packing
-    train_rows, eval_rows = as_rows(prepared.train, packed), as_rows(prepared.eval, packed)
-    row_tokens = recipe.data.max_seq_len if packed else max(1, prepared.report.tokens_train // max(1, len(train_rows)))
-    plan = make_plan(recipe, rows=len(train_rows), world_size=worker.world_size, row_tokens=row_tokens)
-    torch.manual_seed(recipe.training.seed)
-    engine, stage, why = build_engine(recipe, model_dir, plan, worker, cuda)
-    total, trainable = count_parameters(engine.module)
-    resume = load_latest(job_dir, engine, world_size=worker.world_size)
-    state = LoopState(**resume.trainer_state) if resume is not None else LoopState()
-    state.preempted = state.stopped_early = False  # a resumed job goes on from where it stopped
-    sink = _sinks(spec, worker, plan.total_steps)
-    if worker.is_main:
-        sink.emit({"kind": "event", "event": "start" if resume is None else "resume", "step": state.step,
-                   "detail": f"{trainable:,} of {total:,} parameters trained; ZeRO-{stage} ({why}); "
-                   f"{plan.total_steps} steps of {plan.rows_per_step} rows",
-                   "hardware": describe(cuda, worker.world_size), "zero_stage": stage,
-                   "parameters": {"total": total, "trained": trainable}})  # fmt: skip
+    return load_tokenizer(model_dir)
 
-    def save(loop_state: LoopState) -> None:  # every worker; old checkpoints pruned after the commit
-        save_checkpoint(
-            job_dir, loop_state.step, engine, state=loop_state.as_dict(), recipe_json=spec.recipe,
-            rank=worker.rank, world_size=worker.world_size, keep=recipe.output.keep_checkpoints,
-        )  # fmt: skip
 
-    try:
-        state = run_loop(
-            engine, plan, train_rows, eval_rows, pad_id=tokenizer.pad_token_id, worker=worker, sink=sink,
-            hooks=Hooks(save=save), state=state,
-            early_stopping=(recipe.training.early_stopping.patience, recipe.training.early_stopping.min_delta),
-        )  # fmt: skip
-    except torch.OutOfMemoryError as exc:
-        t = recipe.training
-        message = oom_message(stage, t.micro_batch_size, t.gradient_checkpointing, recipe.resources.offload)
-        if worker.is_main:
-            sink.emit({"kind": "event", "event": "out of memory", "step": state.step, "detail": message})
-            sink.close()
-        raise TrainingError(f"out of memory at step {state.step + 1}: {message}") from exc
-    except FloatingPointError as exc:  # the loss diverged
-        if worker.is_main:
-            sink.emit({"kind": "event", "event": "diverged", "step": state.step, "detail": str(exc)})
-            sink.close()
-        raise TrainingError(str(exc)) from exc
-    final = None
-    if not state.preempted:
-        final = save_final(engine, tokenizer, job_dir / "final", stage=stage, is_main=worker.is_main, eot=spec.eot)
-    summary = {"steps": state.step, "preempted": state.preempted, "stopped_early": state.stopped_early,
-               "final": str(final) if final else None, "zero_stage": stage, "eval": state.last_eval}  # fmt: skip
-    if worker.is_main:
-        sink.emit({"kind": "event", "event": "end", "step": state.step, "detail": json.dumps(summary)})
-        sink.close()
-    return summary
+def error_info(exc: BaseException) -> ErrorInfo:
+    """A failure as a typed record: what it was, whose move it is, and what to do when known."""
+    message = str(exc) or type(exc).__name__
+    hint = None
+    if isinstance(exc, TrainingError):
+        hint = "change the recipe as the message says and start the job again"
+    elif fault_of(exc) == "transient":
+        hint = "a temporary failure: the job resumes from its newest checkpoint when started again"
+    return ErrorInfo(type=type(exc).__name__, message=message[:4000], fault=fault_of(exc), hint=hint)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -53,6 +54,15 @@ class Jobs:
     @property
     def store(self) -> Path:
         return self.data_dir / "models"
+
+    def build(self, job: Path, out: Path, *, store: Path | None = None, **options: Any) -> Any:
+        """``build_archive`` of a local job folder, with the jobs' settings (model store, platform key)."""
+        from finetune.archive import build_archive
+        from finetune.jobstore import JobStore
+        from finetune.settings import Settings
+
+        settings = Settings(data_dir=self.data_dir, model_store=store or self.store)
+        return build_archive(JobStore.folder(job), out, registry=self.registry, settings=settings, **options)
 
 
 def _train(folder: Path, name: str, method: str, lr: float, archive: str, zero: str = "auto") -> Path:

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.archive import ArchiveError, build_archive, verify_archive
+from finetune.archive import ArchiveError, verify_archive
 from finetune.archive.card import usage
 from finetune.archive.weights import logits_of, prompt_ids
 from finetune.cli import main
+from finetune.events import EndEvent, JobSummary, ResumeEvent, StartEvent, StepEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ def _extract(archive: Path, dest: Path) -> Path:
 
 def test_lora_archive_holds_merged_model_and_adapter_that_verify(jobs, data_dir, tmp_path):
     out = tmp_path / "lora.tar"
-    result = build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store)
+    result = jobs.build(jobs.lora, out)
     report = verify_archive(out)
     assert report.ok, report.problems
     assert any(c.startswith("model/: logits equal") for c in report.checks)
@@ -72,7 +73,7 @@ def test_adapter_changes_the_base_model(jobs, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora.tar"
-    build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store, contents="merged")
+    jobs.build(jobs.lora, out, contents="merged")
     top = _extract(out, tmp_path / "x")
     assert not (top / "adapter").exists()
     merged = AutoModelForCausalLM.from_pretrained(top / "model", local_files_only=True).eval()
@@ -83,7 +84,7 @@ def test_adapter_changes_the_base_model(jobs, data_dir, tmp_path):
 
 def test_full_job_checkpoint_archive_is_sharded_and_zstd(jobs, data_dir, tmp_path):
     out = tmp_path / "full-step2.tar.zst"
-    build_archive(jobs.full, out, registry=jobs.registry, store=jobs.store, checkpoint="step-000000002",
+    jobs.build(jobs.full, out, checkpoint="step-000000002",
                   shard_size="200KB")  # fmt: skip
     assert out.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
     report = verify_archive(out)
@@ -101,7 +102,7 @@ def test_full_job_checkpoint_archive_is_sharded_and_zstd(jobs, data_dir, tmp_pat
 
     # the checkpoint's weights, not the final ones
     final_out = tmp_path / "full-final.tar"
-    build_archive(jobs.full, final_out, registry=jobs.registry, store=jobs.store)
+    jobs.build(jobs.full, final_out)
     from safetensors.torch import load_file
 
     refs = []
@@ -130,7 +131,7 @@ def test_zero3_checkpoint_of_the_last_step_is_the_final_model(zero3_jobs, jobs, 
     assert marker["zero_stage"] == 3
     logits = []
     for name, checkpoint in (("final.tar", None), ("step4.tar", "step-000000004")):
-        build_archive(job, tmp_path / name, registry=jobs.registry, store=jobs.store, checkpoint=checkpoint)
+        jobs.build(job, tmp_path / name, checkpoint=checkpoint)
         report = verify_archive(tmp_path / name)
         assert report.ok, report.problems
         top = _extract_any(tmp_path / name, tmp_path / name.replace(".", "-"))
@@ -148,7 +149,7 @@ def test_lora_merged_into_a_bf16_base_is_cast_back_within_the_stated_tolerance(j
     model.to(torch.bfloat16).save_pretrained(base)
     monkeypatch.setenv("FINETUNE_DATA_DIR", str(data_dir))
     out = tmp_path / "bf16.tar"
-    result = build_archive(jobs.lora, out, registry=jobs.registry, store=data_dir / "models")
+    result = jobs.build(jobs.lora, out, store=data_dir / "models")
     assert result.manifest["weights_dtype"] == "bfloat16"
     assert result.manifest["verification"]["tolerance"]["merged"] == 5e-2
     assert 0 < result.manifest["verification"]["merged_deviation"] < 5e-2
@@ -178,13 +179,13 @@ def test_a_merged_model_that_is_off_is_never_shipped(jobs, data_dir, tmp_path, m
     write_merged = build.write_merged
     monkeypatch.setattr(build, "write_merged", write_then_damage)
     with pytest.raises(ArchiveError, match="merged model's logits differ from the engine's"):
-        build_archive(jobs.lora, tmp_path / "off.tar", registry=jobs.registry, store=jobs.store)
+        jobs.build(jobs.lora, tmp_path / "off.tar")
     assert not list(tmp_path.iterdir())
 
 
 def test_card_and_reports_hold_statistics_never_content(jobs, data_dir, tmp_path):
     out = tmp_path / "lora.tar"
-    build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store)
+    jobs.build(jobs.lora, out)
     top = _extract(out, tmp_path / "x")
     card = (top / "README.md").read_text()
     for expected in ("SmolLM2-135M-Instruct", "Hugging Face (US)", "Apache-2.0", "LoRA rank 8", "learning_rate: 0.01",
@@ -199,19 +200,22 @@ def test_card_and_reports_hold_statistics_never_content(jobs, data_dir, tmp_path
 
 def test_usage_sums_every_run_of_a_resumed_job():
     gpu = {"device": "NVIDIA H100 80GB HBM3", "kind": "gpu", "count": 4}
-    records = [
-        {"time": 100.0, "kind": "event", "event": "start", "hardware": gpu},
-        {"time": 160.0, "kind": "train", "step": 1},
-        {"time": 1900.0, "kind": "train", "step": 2},  # killed after this
-        {"time": 2000.0, "kind": "event", "event": "resume", "hardware": gpu},
-        {"time": 3700.0, "kind": "event", "event": "end"},
-        {"kind": "train"},  # a torn record without a time
+    common = {"detail": "", "zero_stage": 0, "parameters": {}, "total_steps": 2}
+    step = {"epoch": 0.5, "lr": 1e-4, "loss": 1.0, "trained_tokens": 1, "tokens": 1, "grad_norm": 1.0, "step_time": 1.0,
+            "tokens_per_s": 1.0, "peak_memory": 0}  # fmt: skip
+    summary = JobSummary(steps=2, preempted=False, stopped_early=False, final="final", zero_stage=0)
+    events = [
+        StartEvent(time=100.0, step=0, hardware=gpu, **common),
+        StepEvent(time=160.0, step=1, **step),
+        StepEvent(time=1900.0, step=2, **step),  # killed after this
+        ResumeEvent(time=2000.0, step=1, hardware=gpu, checkpoint="step-000000001", **common),
+        EndEvent(time=3700.0, step=2, summary=summary),
     ]
-    use = usage(records, default_devices=1)
+    use = usage(events, default_devices=1)
     assert use.seconds == pytest.approx(1800 + 1700) and use.segments == 2 and use.devices == 4
     assert use.gpu_hours == pytest.approx(3500 * 4 / 3600) and use.points == pytest.approx(2 * 3500 * 4 / 3600)
-    cpu = usage([{"time": 0.0, "kind": "event", "event": "start", "hardware": {"kind": "cpu", "count": 2}},
-                 {"time": 36.0, "kind": "event", "event": "end"}], default_devices=1)  # fmt: skip
+    cpu = usage([StartEvent(time=0.0, step=0, hardware={"kind": "cpu", "count": 2}, **common),
+                 EndEvent(time=36.0, step=2, summary=summary)], default_devices=1)  # fmt: skip
     assert cpu.device_hours == pytest.approx(0.02) and cpu.points == 0
 
 
@@ -219,21 +223,22 @@ def test_refusals_say_what_to_do(jobs, data_dir, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(jobs.lora, unfinished)
     shutil.rmtree(unfinished / "final")
-    with pytest.raises(ArchiveError, match=r"has not finished; choose a checkpoint with --checkpoint \(step-"):
-        build_archive(unfinished, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store)
+    with pytest.raises(
+        ArchiveError, match=r"no final model that can be trusted .*; choose a checkpoint with --checkpoint \(step-"
+    ):
+        jobs.build(unfinished, tmp_path / "a.tar")
     with pytest.raises(ArchiveError, match="no checkpoint 'step-9'.*complete ones: step-"):
-        build_archive(jobs.lora, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store, checkpoint="step-9")
+        jobs.build(jobs.lora, tmp_path / "a.tar", checkpoint="step-9")
     with pytest.raises(ArchiveError, match="no checkpoint '../final'"):
-        build_archive(jobs.lora, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store, checkpoint="../final")
+        jobs.build(jobs.lora, tmp_path / "a.tar", checkpoint="../final")
     with pytest.raises(ArchiveError, match="full fine-tuning job has no adapter"):
-        build_archive(jobs.full, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store, contents="adapter")
+        jobs.build(jobs.full, tmp_path / "a.tar", contents="adapter")
     damaged = tmp_path / "damaged"
     shutil.copytree(jobs.lora, damaged)
     state = next((damaged / "checkpoints" / "step-000000002").rglob("*.pt"))
     state.write_bytes(state.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(ArchiveError, match="incomplete or damaged"):
-        build_archive(damaged, tmp_path / "a.tar", registry=jobs.registry, store=jobs.store,
-                      checkpoint="step-000000002")  # fmt: skip
+    with pytest.raises(ArchiveError, match="does not match its sha256 digest in the signed manifest"):
+        jobs.build(damaged, tmp_path / "a.tar", checkpoint="step-000000002")  # fmt: skip
     assert not (tmp_path / "a.tar").exists() and not list(tmp_path.glob(".archive-*"))
 
 

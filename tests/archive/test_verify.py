@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.archive import build_archive, verify_archive
+from finetune.archive import verify_archive
 from finetune.archive.layout import member_problem
 
 Member = tuple[tarfile.TarInfo, bytes | None]
@@ -19,7 +19,7 @@ Member = tuple[tarfile.TarInfo, bytes | None]
 @pytest.fixture(scope="module")
 def built(jobs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("built") / "lora.tar"
-    build_archive(jobs.lora, out, registry=jobs.registry, store=jobs.store)
+    jobs.build(jobs.lora, out)
     return out
 
 

@@ -16,18 +16,18 @@ step changes the trained-token count (compared exactly) and the loss by far more
 by 1e-2 and more), and a wrong world-size scaling of the loss doubles or halves the gradient norm
 (Adam would hide it in the loss curve, the norm does not).
 
-The failure test kills the rank-0 Ray Train worker (the process holding ``metrics.jsonl`` open) with
-SIGKILL once a checkpoint is committed, as a crashed node would; Ray restarts the worker group
-(``FailureConfig(max_failures=2)`` in ``workers/train.py``) and the job resumes from its newest
-complete checkpoint. Rank 0 commits checkpoints, so nothing can be committed after it is dead: the
-newest complete checkpoint at the kill is the one the resume must use. No test hook in the library.
+The ZeRO-3 runs keep everything in a tenant bucket on the S3 server on loopback: the prepared data,
+the events, the checkpoints and the final model. Each worker has its own scratch folder; nothing
+passes between them but the bucket. The failure test kills a Ray Train worker with SIGKILL once a
+checkpoint is committed, as a crashed node would; Ray restarts the worker group
+(``settings.ray_max_failures``) and the job resumes from its newest trustworthy checkpoint in the
+bucket, each worker fetching what it needs into its own scratch. No test hook in the library.
 
-Ray starts once for the module; the whole module took 3.5-4.5 minutes on 2 shared CPU cores.
+Ray starts once for the module; the whole module took about 4-5 minutes on 2 shared CPU cores.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -41,11 +41,14 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
+from finetune.events import Event, read_events
+from finetune.jobstore import FINAL, JobStore
+from finetune.published import FolderRefused, fetch_folder, read_marker
 from finetune.recipe import Recipe
-from finetune.train.checkpoint_files import MARKER, checkpoints_root
-from finetune.train.metrics import read_metrics
+from finetune.settings import Settings
+from finetune.storage import Bucket, StorageConfig
+from finetune.train.checkpoint_files import check_checkpoint, list_steps
 from finetune.train.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,30 +112,37 @@ def test_both_layouts_give_every_global_step_the_same_rows(rows: int) -> None:
 
 @dataclass
 class Run:
-    job: Path
-    summary: dict[str, Any]
-    records: list[dict[str, Any]] = field(default_factory=list)
+    store: JobStore
+    summary: Any
+    key: Any
+    records: list[Event] = field(default_factory=list)
 
     @classmethod
-    def of(cls, job: Path, summary: dict[str, Any]) -> Run:
-        return cls(job, summary, read_metrics(job / "metrics.jsonl"))
+    def of(cls, store: JobStore, summary: Any, key: Any) -> Run:
+        return cls(store, summary, key, read_events(store.bucket, store.prefix))
 
-    def train(self, records: list[dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
-        return {r["step"]: r for r in (records if records is not None else self.records) if r["kind"] == "train"}
+    def train(self, records: list[Event] | None = None) -> dict[int, Any]:
+        return {e.step: e for e in (records if records is not None else self.records) if e.kind == "step"}
 
     def evals(self) -> dict[int, float]:
-        return {r["step"]: r["eval_loss"] for r in self.records if r["kind"] == "eval"}
+        return {e.step: e.eval_loss for e in self.records if e.kind == "eval"}
 
-    def events(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r["kind"] == "event"]
+    def events(self) -> list[Event]:
+        return [e for e in self.records if e.kind in ("start", "resume", "preempted", "end", "failure")]
 
     def weights(self) -> dict[str, torch.Tensor]:
+        import tempfile
+
         from safetensors.torch import load_file
 
+        rel = self.store.path(FINAL)
+        manifest = read_marker(self.store.bucket, rel, "final", self.key)
         state: dict[str, torch.Tensor] = {}
-        for path in sorted((self.job / "final").glob("*.safetensors")):
-            state.update(load_file(path))
-        assert state, f"no weights in {self.job / 'final'}"
+        with tempfile.TemporaryDirectory() as tmp:
+            fetch_folder(self.store.bucket, rel, manifest, Path(tmp))
+            for path in sorted(Path(tmp).glob("*.safetensors")):
+                state.update(load_file(path))
+        assert state, f"no weights in {self.store.describe(FINAL)}"
         return state
 
 
@@ -140,18 +150,29 @@ class Run:
 class Workspace:
     root: Path
     bucket: Path
-    settings: Any
+    settings: Settings
+    s3: StorageConfig
 
-    def plan(self, name: str, recipe: dict[str, Any]) -> Any:
-        """Write the recipe into the bucket and plan its job (data prepared, tiny model made)."""
+    @property
+    def key(self) -> Any:
+        return self.settings.signer().public
+
+    def plan(self, name: str, recipe: dict[str, Any], *, on_s3: bool = False) -> tuple[Any, JobStore]:
+        """Plan the job (data prepared, tiny model made, data published): in a local job folder, or
+        under ``jobs/<name>`` in the tenant's S3 bucket, which also holds the dataset."""
         from finetune.registry import Registry
         from finetune.train.launch import plan_job
 
-        path = self.bucket / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
         registry = Registry.load(self.settings.registry, self.settings.lock_path)
-        spec, _ = plan_job(path, self.settings, registry=registry, output=self.root / "jobs" / name)
-        return spec
+        validated = Recipe.model_validate(recipe)
+        if on_s3:
+            tenant = Bucket(self.s3, "t1", "2026q1")
+            tenant.upload(self.bucket / "data" / "quickstart.jsonl", "data/quickstart.jsonl")
+            data, store = tenant, JobStore(tenant, f"jobs/{name}", name)
+        else:
+            data, store = Bucket.folder(self.bucket), JobStore.folder(self.root / "jobs" / name)
+        spec, _ = plan_job(validated, data, store, self.settings, registry=registry)
+        return spec, store
 
 
 def _rel(a: float, b: float) -> float:
@@ -159,24 +180,36 @@ def _rel(a: float, b: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    from finetune.settings import Settings
-
+def workspace(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, str]) -> Workspace:
     root = tmp_path_factory.mktemp("distributed")
     bucket = root / "bucket"
     (bucket / "data").mkdir(parents=True)
     shutil.copy(ROOT / "recipes" / "data" / "quickstart.jsonl", bucket / "data" / "quickstart.jsonl")
-    settings = Settings(data_dir=root / "data", model_store=root / "data" / "models", storage_url=None)
-    return Workspace(root, bucket, settings)
+    settings = Settings(
+        data_dir=root / "data", model_store=root / "data" / "models", storage_url=None, events_flush_seconds=0.001,
+        s3_access_key_id=s3_server["access_key_id"], s3_secret_access_key=s3_server["secret_access_key"],
+    )  # fmt: skip
+    s3 = StorageConfig(
+        url=f"s3://{s3_server['bucket']}/distributed", endpoint_url=s3_server["endpoint_url"],
+        region=s3_server["region"], access_key_id=s3_server["access_key_id"],
+        secret_access_key=s3_server["secret_access_key"],
+    )  # fmt: skip
+    return Workspace(root, bucket, settings, s3)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    """One private local Ray cluster for the module (starting one costs ~10 s)."""
+def ray_cluster(s3_server: dict[str, str]) -> Iterator[None]:
+    """One private local Ray cluster for the module (starting one costs ~10 s).
+
+    The workers inherit this process's environment as it is when the cluster starts: the S3
+    credentials reach them there, as on a real cluster (never through the job spec).
+    """
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")  # a local, private cluster; avoids the token warning
         mp.delenv("RAY_ADDRESS", raising=False)  # never join a cluster the environment points at
+        mp.setenv("FINETUNE_S3_ACCESS_KEY_ID", s3_server["access_key_id"])
+        mp.setenv("FINETUNE_S3_SECRET_ACCESS_KEY", s3_server["secret_access_key"])
         ray.init(num_cpus=2, include_dashboard=False)
         try:
             yield
@@ -189,21 +222,21 @@ def reference(workspace: Workspace) -> Run:
     """1 worker in this process, ZeRO-0, micro batch 2 x accumulation 2."""
     from finetune.train.launch import launch
 
-    spec = workspace.plan("one-worker", ONE_WORKER)
-    return Run.of(Path(spec.job_dir), launch(spec, "local"))
+    spec, store = workspace.plan("one-worker", ONE_WORKER)
+    return Run.of(store, launch(spec, "local", workspace.settings), workspace.key)
 
 
 @pytest.fixture(scope="module")
 def two_worker_run(workspace: Workspace, ray_cluster: None) -> Callable[[int], Run]:
-    """The uninterrupted 2-worker Ray run of a ZeRO stage, run once for the module."""
+    """The uninterrupted 2-worker Ray run of a ZeRO stage, run once for the module (ZeRO-3 on S3)."""
     from finetune.train.launch import launch
 
     runs: dict[int, Run] = {}
 
     def run(stage: int) -> Run:
         if stage not in runs:
-            spec = workspace.plan(f"two-workers-zero{stage}", two_workers(stage))
-            runs[stage] = Run.of(Path(spec.job_dir), launch(spec, "ray"))
+            spec, store = workspace.plan(f"two-workers-zero{stage}", two_workers(stage), on_s3=stage == 3)
+            runs[stage] = Run.of(store, launch(spec, "ray", workspace.settings), workspace.key)
         return runs[stage]
 
     return run
@@ -215,11 +248,11 @@ def _compare(got: Run, ref: Run, *, rtol_loss: float, rtol_norm: float, atol_wei
     assert sorted(mine) == sorted(theirs) == list(range(1, STEPS + 1))
     for step, r in mine.items():
         t = theirs[step]
-        assert (r["trained_tokens"], r["tokens"]) == (t["trained_tokens"], t["tokens"]), f"other rows at step {step}"
-        assert r["lr"] == pytest.approx(t["lr"], rel=1e-12)
+        assert (r.trained_tokens, r.tokens) == (t.trained_tokens, t.tokens), f"other rows at step {step}"
+        assert r.lr == pytest.approx(t.lr, rel=1e-12)
     figures = {
-        "loss": max(_rel(mine[s]["loss"], theirs[s]["loss"]) for s in mine),
-        "grad_norm": max(_rel(mine[s]["grad_norm"], theirs[s]["grad_norm"]) for s in mine),
+        "loss": max(_rel(mine[s].loss, theirs[s].loss) for s in mine),
+        "grad_norm": max(_rel(mine[s].grad_norm, theirs[s].grad_norm) for s in mine),
     }
     evals_mine, evals_ref = got.evals(), ref.evals()
     assert sorted(evals_mine) == sorted(evals_ref) == [12, 24]
@@ -228,7 +261,7 @@ def _compare(got: Run, ref: Run, *, rtol_loss: float, rtol_norm: float, atol_wei
     assert set(w_ref) <= set(w_mine), sorted(set(w_ref) - set(w_mine))
     figures["weights"] = max(float((w_mine[k].float() - w_ref[k].float()).abs().max()) for k in w_ref)
     print(
-        f"\n{got.job.name} vs {ref.job.name}: max relative difference of the loss {figures['loss']:.2e}, "
+        f"\n{got.store.job_id} vs {ref.store.job_id}: max relative difference of the loss {figures['loss']:.2e}, "
         f"of the grad norm {figures['grad_norm']:.2e}, of the eval loss {figures['eval_loss']:.2e}; "
         f"max absolute difference of a final weight {figures['weights']:.2e}"
     )
@@ -248,11 +281,11 @@ def test_two_ray_workers_follow_the_one_worker_loss_curve(
     stage: int, reference: Run, two_worker_run: Callable[[int], Run]
 ) -> None:
     run = two_worker_run(stage)
-    assert run.summary["zero_stage"] == stage and run.summary["steps"] == STEPS
-    assert reference.summary["zero_stage"] == 0
-    assert [e["event"] for e in run.events()] == ["start", "end"]
-    assert "of 4 rows" in run.events()[0]["detail"]
-    losses = [r["loss"] for r in run.train().values()]
+    assert run.summary.zero_stage == stage and run.summary.steps == STEPS
+    assert reference.summary.zero_stage == 0
+    assert [e.kind for e in run.events()] == ["start", "end"]
+    assert "of 4 rows" in run.events()[0].detail
+    losses = [e.loss for e in run.train().values()]
     assert losses[-1] < losses[0] - 0.5  # it learns (a flat curve would agree trivially)
     _compare(run, reference, rtol_loss=LOSS_RTOL, rtol_norm=GRAD_NORM_RTOL, atol_weights=WEIGHT_ATOL)
 
@@ -261,27 +294,30 @@ def test_two_ray_workers_follow_the_one_worker_loss_curve(
 def test_zero3_final_model_holds_the_same_tensors_as_one_worker(
     reference: Run, two_worker_run: Callable[[int], Run]
 ) -> None:
-    assert sorted(two_worker_run(3).weights()) == sorted(reference.weights())
+    run = two_worker_run(3)
+    assert run.store.bucket.config.protocol == "s3"
+    assert sorted(run.weights()) == sorted(reference.weights())
 
 
 @pytest.mark.integration
 def test_two_worker_zero3_checkpoint_archives_to_the_final_model(
     workspace: Workspace, two_worker_run: Callable[[int], Run], tmp_path: Path
 ) -> None:
-    """DeepSpeed consolidates both workers' ZeRO-3 shards of the last checkpoint into the final model."""
+    """DeepSpeed consolidates both workers' ZeRO-3 shards of the last checkpoint (fetched from S3)
+    into the final model."""
     from safetensors.torch import load_file
 
     from finetune.archive import build_archive, verify_archive
     from finetune.archive.tarball import safe_extract
     from finetune.registry import Registry
 
-    job = two_worker_run(3).job
-    assert _committed(job)[-1] == STEPS
-    registry, store = Registry.load(workspace.settings.registry), workspace.settings.store_path
+    run = two_worker_run(3)
+    assert _committed(run)[-1] == STEPS
+    registry = Registry.load(workspace.settings.registry)
     logits = []
     for name, checkpoint in (("final.tar", None), ("last.tar", f"step-{STEPS:09d}")):
         out = tmp_path / name
-        build_archive(job, out, registry=registry, store=store, checkpoint=checkpoint)
+        build_archive(run.store, out, registry=registry, settings=workspace.settings, checkpoint=checkpoint)
         report = verify_archive(out)
         assert report.ok, report.problems
         dest = tmp_path / name.replace(".", "-")
@@ -295,8 +331,17 @@ def test_two_worker_zero3_checkpoint_archives_to_the_final_model(
 # ------------------------------------------------------------------------------ worker failure
 
 
-def _committed(job: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[-1]) for p in checkpoints_root(job).glob(f"step-*/{MARKER}"))
+def _committed(run_or_store: Run | JobStore, key: Any = None) -> list[int]:
+    store = run_or_store.store if isinstance(run_or_store, Run) else run_or_store
+    key = run_or_store.key if isinstance(run_or_store, Run) else key
+    trusted = []
+    for step, name in list_steps(store):
+        try:
+            check_checkpoint(store, name, key)
+            trusted.append(step)
+        except FolderRefused:
+            pass
+    return trusted
 
 
 def _ray_train_workers() -> list[Any]:
@@ -312,28 +357,15 @@ def _ray_train_workers() -> list[Any]:
     return found
 
 
-def _metrics_writer(metrics: Path) -> Any | None:
-    """The Ray Train worker that holds ``metrics.jsonl`` open: rank 0."""
-    import psutil
-
-    for proc in _ray_train_workers():
-        try:
-            if any(Path(f.path) == metrics for f in proc.open_files()):
-                return proc
-        except psutil.Error:
-            continue
-    return None
-
-
 class Killer(threading.Thread):
-    """SIGKILLs the rank-0 Ray Train worker as soon as a checkpoint of the job is committed."""
+    """SIGKILLs a Ray Train worker as soon as a checkpoint of the job is committed in the bucket."""
 
-    def __init__(self, job: Path, timeout_s: float) -> None:
+    def __init__(self, store: JobStore, key: Any, timeout_s: float) -> None:
         super().__init__(daemon=True)
-        self.job, self.timeout_s = job, timeout_s
+        self.store, self.key, self.timeout_s = store, key, timeout_s
         self.victim: int | None = None
-        self.committed: list[int] = []  # complete checkpoints once the victim was dead
-        self.trained: list[dict[str, Any]] = []  # train records written before the kill
+        self.committed: list[int] = []  # trustworthy checkpoints once the victim was dead
+        self.trained: list[Event] = []  # step events published before the kill
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -343,70 +375,65 @@ class Killer(threading.Thread):
             self.error = exc
 
     def _run(self) -> None:
-        metrics = (self.job / "metrics.jsonl").resolve()
         deadline = time.monotonic() + self.timeout_s
-        writer = None
         while time.monotonic() < deadline:
-            if writer is None:
-                writer = _metrics_writer(metrics) if metrics.exists() else None
-                if writer is None:
-                    time.sleep(0.1)
-                    continue
-            if _committed(self.job):
-                os.kill(writer.pid, signal.SIGKILL)
-                writer.wait(timeout=60)
-                self.victim = writer.pid
-                self.committed = _committed(self.job)
-                self.trained = [r for r in read_metrics(metrics) if r["kind"] == "train"]
+            workers = _ray_train_workers()
+            if len(workers) == 2 and _committed(self.store, self.key):
+                victim = min(workers, key=lambda p: p.pid)
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(timeout=60)
+                self.victim = victim.pid
+                self.committed = _committed(self.store, self.key)
+                events = read_events(self.store.bucket, self.store.prefix)
+                self.trained = [e for e in events if e.kind == "step"]
                 return
-            time.sleep(0.005)
-        raise TimeoutError(f"no checkpoint committed (or no rank-0 worker found) within {self.timeout_s} s")
+            time.sleep(0.02)
+        raise TimeoutError(f"no checkpoint committed (or no Ray Train worker found) within {self.timeout_s} s")
 
 
 @pytest.mark.integration
-def test_a_killed_worker_is_replaced_and_the_job_resumes_from_the_newest_checkpoint(
+def test_a_killed_worker_is_replaced_and_the_job_resumes_from_the_bucket(
     workspace: Workspace, two_worker_run: Callable[[int], Run]
 ) -> None:
+    """ZeRO-3 on two workers with their own scratch folders and an S3 bucket: SIGKILL, Ray's restart,
+    resume from the bucket, and the uninterrupted run's final weights."""
     from finetune.train.launch import launch
 
-    uninterrupted = two_worker_run(2)
-    spec = workspace.plan("two-workers-killed", two_workers(2))
-    job = Path(spec.job_dir)
-    killer = Killer(job, timeout_s=300)
+    uninterrupted = two_worker_run(3)
+    spec, store = workspace.plan("two-workers-killed", two_workers(3), on_s3=True)
+    killer = Killer(store, workspace.key, timeout_s=300)
     killer.start()
     started = time.monotonic()
-    summary = launch(spec, "ray")  # run_with_ray: FailureConfig(max_failures=2)
+    summary = launch(spec, "ray", workspace.settings)  # FailureConfig(max_failures=settings.ray_max_failures)
     killer.join(timeout=10)
     elapsed = time.monotonic() - started
     assert killer.error is None, killer.error
     assert killer.victim is not None, "the worker was never killed"
-    killed_after = max(r["step"] for r in killer.trained)
+    killed_after = max(e.step for e in killer.trained)
     assert killed_after < STEPS, "the kill came after the last step: nothing was tested"
 
-    run = Run.of(job, summary)
-    assert summary["steps"] == STEPS and not summary["preempted"] and summary["zero_stage"] == 2
+    run = Run.of(store, summary, workspace.key)
+    assert summary.steps == STEPS and not summary.preempted and summary.zero_stage == 3
     events = run.events()
-    assert [e["event"] for e in events] == ["start", "resume", "end"], events
+    assert [e.kind for e in events] == ["start", "resume", "end"], events
     resume = events[1]
     newest = max(killer.committed)
-    assert resume["step"] == newest, (resume, killer.committed)
-    assert SAVE_EVERY <= newest <= killed_after
+    assert resume.checkpoint == f"step-{resume.step:09d}" and resume.step >= newest, (resume, killer.committed)
+    assert SAVE_EVERY <= resume.step < STEPS
     # every step from the checkpoint on was trained again by the new worker group, in order
     after = run.records[run.records.index(resume) + 1 :]
-    assert [r["step"] for r in after if r["kind"] == "train"] == list(range(newest + 1, STEPS + 1))
+    assert [e.step for e in after if e.kind == "step"] == list(range(resume.step + 1, STEPS + 1))
     print(
-        f"\nkilled rank 0 (pid {killer.victim}) after step {killed_after}; complete checkpoints then: "
-        f"{killer.committed}; resumed at step {resume['step']}; the job took {elapsed:.0f} s"
+        f"\nkilled a worker (pid {killer.victim}) after step {killed_after}; trustworthy checkpoints then: "
+        f"{killer.committed}; resumed at step {resume.step} from the bucket; the job took {elapsed:.0f} s"
     )
     # the curve before the kill and after the resume is the uninterrupted run's
-    before = run.train(killer.trained)
-    resumed = run.train(after)
     ref = uninterrupted.train()
-    for part in (before, resumed):
-        for step, r in part.items():
-            assert r["trained_tokens"] == ref[step]["trained_tokens"], step
-            assert _rel(r["loss"], ref[step]["loss"]) <= RESUME_RTOL, (step, r["loss"], ref[step]["loss"])
-            assert _rel(r["grad_norm"], ref[step]["grad_norm"]) <= RESUME_RTOL, step
+    for part in (run.train(killer.trained), run.train(after)):
+        for step, e in part.items():
+            assert e.trained_tokens == ref[step].trained_tokens, step
+            assert _rel(e.loss, ref[step].loss) <= RESUME_RTOL, (step, e.loss, ref[step].loss)
+            assert _rel(e.grad_norm, ref[step].grad_norm) <= RESUME_RTOL, step
     figures = _compare(run, uninterrupted, rtol_loss=RESUME_RTOL, rtol_norm=RESUME_RTOL, atol_weights=1e-7)
     assert all(math.isfinite(v) for v in figures.values())
-    assert json.loads(events[-1]["detail"])["steps"] == STEPS
+    assert events[-1].summary.steps == STEPS

@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from finetune.cli import main
+from finetune.events import latest_by_step, read_events
 from finetune.registry import Registry
 from finetune.settings import Settings
-from finetune.train.metrics import read_metrics
+from finetune.storage import Bucket
 
 SYSTEM = "Answer briefly."
 MAX_NEW_TOKENS = 32
@@ -123,10 +124,10 @@ def test_tiny_model_learns_the_set_and_stops_at_its_end_of_turn_token(tmp_path, 
 
     assert code == 0
     assert json.loads((job / "data_report.json").read_text())["train_samples"] == len(pairs)
-    records = read_metrics(job / "metrics.jsonl")
-    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    events = read_events(Bucket.folder(job), "")
+    losses = [e.loss for e in latest_by_step(events, "step")]
     assert len(losses) == 300 and sum(losses[-10:]) / 10 < 0.05, losses[-10:]
-    assert [r for r in records if r["kind"] == "eval"][-1]["eval_loss"] < 0.05
+    assert latest_by_step(events, "eval")[-1].eval_loss < 0.05
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

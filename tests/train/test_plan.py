@@ -66,14 +66,3 @@ def test_evaluation_interval_needs_eval_data():
     no_eval = Recipe.model_validate({"model": {"id": "x"}, "data": {"path": "d", "eval": {"fraction": 0}}})
     assert make_plan(no_eval, rows=10, world_size=1, row_tokens=1).eval_every == 0
     assert make_plan(recipe(), rows=10, world_size=1, row_tokens=1).eval_every == 10  # once per epoch
-
-
-def test_metrics_survive_a_line_torn_by_a_killed_process(tmp_path):
-    from finetune.train.metrics import JsonlSink, read_metrics
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"kind": "train", "step": 1}\n{"kind": "tra')
-    sink = JsonlSink(path)
-    sink.emit({"kind": "train", "step": 2})
-    sink.close()
-    assert [r["step"] for r in read_metrics(path)] == [1, 2]

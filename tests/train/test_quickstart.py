@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from finetune.cli import main
-from finetune.train.metrics import read_metrics
+from finetune.events import read_events
+from finetune.storage import Bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,15 +25,17 @@ def test_quickstart_trains_and_leaves_a_loadable_final_model(tmp_path, monkeypat
     job = tmp_path / "job"
     assert json.loads((job / "recipe.json").read_text())["name"] == "quickstart"
     assert json.loads((job / "data_report.json").read_text())["rows_used"] == 52
-    records = read_metrics(job / "metrics.jsonl")
-    steps = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    assert len(steps) == steps[-1]["step"] and steps[-1]["step"] > 10
-    first, last = sum(r["loss"] for r in steps[:3]) / 3, sum(r["loss"] for r in steps[-3:]) / 3
+    events = read_events(Bucket.folder(job), "")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    steps = [e for e in events if e.kind == "step"]
+    evals = [e for e in events if e.kind == "eval"]
+    assert len(steps) == steps[-1].step and steps[-1].step > 10
+    first, last = sum(e.loss for e in steps[:3]) / 3, sum(e.loss for e in steps[-3:]) / 3
     assert last < first - 1.0, (first, last)
-    assert evals and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["trained_tokens"] > 0 for r in steps)
-    assert [r["event"] for r in records if r["kind"] == "event"] == ["start", "end"]
+    assert evals and evals[-1].eval_loss < evals[0].eval_loss
+    assert all(e.grad_norm > 0 and e.tokens_per_s > 0 and e.trained_tokens > 0 for e in steps)
+    assert [e.kind for e in events if e.kind not in ("step", "eval", "checkpoint")] == ["start", "end"]
+    assert events[-1].kind == "end" and events[-1].summary.final == "final"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,5 +50,7 @@ def test_quickstart_trains_and_leaves_a_loadable_final_model(tmp_path, monkeypat
         "input_ids"
     ]
     assert torch.isfinite(model(ids).logits).all()
-    # the same command again resumes the finished job: nothing left to do
+    # the same command again resumes the finished job: nothing left to do, the numbering goes on
     assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "--output", str(job)]) == 0
+    again = read_events(Bucket.folder(job), "", after=len(events))
+    assert [e.kind for e in again] == ["resume", "end"] and again[0].seq == len(events) + 1

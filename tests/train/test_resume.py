@@ -6,7 +6,7 @@ and the interrupted ones differ only in being interrupted. The comparison is exa
 losses, gradient norms, learning rates and evaluation losses, and every tensor of the final
 safetensors weights.
 
-Timing: the processes are stopped when ``metrics.jsonl`` shows step :data:`STOP_AT`, between the
+Timing: the processes are stopped when the job's events show step :data:`STOP_AT`, between the
 checkpoints of steps :data:`SAVE_EVERY` and ``2 * SAVE_EVERY``, so the steps after the first
 checkpoint are lost (SIGKILL) and must be redone. The job would have to run four more steps and
 commit a checkpoint before the signal lands to reach the next checkpoint boundary.
@@ -29,8 +29,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from finetune.train.checkpoint_files import MARKER, list_step_dirs, step_dir, verify
-from finetune.train.metrics import read_metrics
+from finetune.events import Event, read_events
+from finetune.jobstore import JobStore
+from finetune.published import MARKER, FolderRefused, fetch_folder, read_marker
+from finetune.settings import Settings
+from finetune.storage import Bucket
+from finetune.train.checkpoint_files import check_checkpoint, list_steps, prune
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_PREEMPTED = 75
@@ -83,6 +87,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # one thread: the same arithmetic in every process, and no thread contention on a busy machine
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "FINETUNE_EVENTS_FLUSH_SECONDS": "0.001",  # every event published at once: the tests watch them
     }
     return {"root": root, "bucket": bucket, "recipe": root / "recipe.yaml", "env": env}
 
@@ -118,20 +123,13 @@ def _run(setup: dict[str, Any], job: Path) -> int:
     return _finish(_start(setup, job), job)
 
 
+def _records(job: Path) -> list[Event]:
+    return read_events(Bucket.folder(job), "") if job.is_dir() else []
+
+
 def _last_step(job: Path) -> int:
-    """The highest training step recorded so far (0 when none; a line being written is skipped)."""
-    path = job / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    step = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == "train":
-            step = max(step, int(record["step"]))
-    return step
+    """The highest training step recorded so far (0 when none)."""
+    return max((e.step for e in _records(job) if e.kind == "step"), default=0)
 
 
 def _interrupt(setup: dict[str, Any], job: Path, sig: signal.Signals) -> tuple[int, int]:
@@ -150,31 +148,43 @@ def _interrupt(setup: dict[str, Any], job: Path, sig: signal.Signals) -> tuple[i
     return _finish(proc, job), seen
 
 
-def _train(job: Path) -> dict[int, dict[str, Any]]:
-    """Step -> train record; when a step was recorded twice (lost, then redone) the records must agree."""
-    out: dict[int, dict[str, Any]] = {}
-    for record in read_metrics(job / "metrics.jsonl"):
-        if record["kind"] == "train":
-            if record["step"] in out:
-                assert _figures(out[record["step"]]) == _figures(record), f"step {record['step']} redone differently"
-            out[record["step"]] = record
+def _train(job: Path) -> dict[int, Any]:
+    """Step -> step event; when a step was recorded twice (lost, then redone) the records must agree."""
+    out: dict[int, Any] = {}
+    for event in _records(job):
+        if event.kind == "step":
+            if event.step in out:
+                assert _figures(out[event.step]) == _figures(event), f"step {event.step} redone differently"
+            out[event.step] = event
     return out
 
 
-def _figures(record: dict[str, Any]) -> tuple[Any, ...]:
-    return record["loss"], record["grad_norm"], record["lr"], record["trained_tokens"], record["epoch"]
+def _figures(event: Any) -> tuple[Any, ...]:
+    return event.loss, event.grad_norm, event.lr, event.trained_tokens, event.epoch
 
 
 def _evals(job: Path) -> dict[int, float]:
-    return {r["step"]: r["eval_loss"] for r in read_metrics(job / "metrics.jsonl") if r["kind"] == "eval"}
+    return {e.step: e.eval_loss for e in _records(job) if e.kind == "eval"}
 
 
 def _events(job: Path) -> list[tuple[str, int]]:
-    return [(r["event"], r["step"]) for r in read_metrics(job / "metrics.jsonl") if r["kind"] == "event"]
+    return [(e.kind, e.step) for e in _records(job) if e.kind in ("start", "resume", "preempted", "end", "failure")]
 
 
-def _committed(job: Path) -> list[int]:
-    return [step for step, folder in list_step_dirs(job) if not verify(folder)]
+def _key(setup: dict[str, Any]) -> Any:
+    return Settings(data_dir=setup["root"] / "data").signer().public
+
+
+def _committed(setup: dict[str, Any], job: Path) -> list[int]:
+    """Steps of the checkpoints whose signed manifest checks out."""
+    store, key, trusted = JobStore.folder(job), _key(setup), []
+    for step, name in list_steps(store):
+        try:
+            check_checkpoint(store, name, key)
+            trusted.append(step)
+        except FolderRefused:
+            pass
+    return trusted
 
 
 def _assert_same_as_reference(job: Path, reference: Path) -> None:
@@ -198,10 +208,10 @@ def reference(setup: dict[str, Any]) -> Path:
     job = setup["root"] / "reference"
     code = _run(setup, job)
     assert code == 0, _log_tail(job)
-    losses = [r["loss"] for r in _train(job).values()]
+    losses = [e.loss for e in _train(job).values()]
     assert len(losses) == TOTAL_STEPS and losses[-1] < losses[0]
     assert _events(job) == [("start", 0), ("end", TOTAL_STEPS)]
-    assert _committed(job) == [2 * SAVE_EVERY, 3 * SAVE_EVERY]  # keep_checkpoints: 2
+    assert _committed(setup, job) == [2 * SAVE_EVERY, 3 * SAVE_EVERY]  # keep_checkpoints: 2
     return job
 
 
@@ -226,14 +236,14 @@ def test_sigkill_after_step_k_resumes_to_the_same_loss_curve_and_weights(setup, 
     assert not (job / "final").exists()
     killed_at = _last_step(job)
     assert killed_at >= seen >= STOP_AT
-    committed = _committed(job)
+    committed = _committed(setup, job)
     assert committed and committed[-1] < killed_at, (committed, killed_at)  # work after it was lost
     resume_from = committed[-1]
 
     assert _run(setup, job) == 0, _log_tail(job)
 
     assert _events(job) == [("start", 0), ("resume", resume_from), ("end", TOTAL_STEPS)]
-    steps = [r["step"] for r in read_metrics(job / "metrics.jsonl") if r["kind"] == "train"]
+    steps = [e.step for e in _records(job) if e.kind == "step"]
     assert steps == list(range(1, killed_at + 1)) + list(range(resume_from + 1, TOTAL_STEPS + 1))
     _assert_same_as_reference(job, reference)
 
@@ -245,9 +255,9 @@ def test_sigterm_checkpoints_the_step_reached_exits_75_and_resumes(setup, refere
     stopped = _last_step(src)
     assert STOP_AT <= preempted["seen"] <= stopped < TOTAL_STEPS
     assert _events(src) == [("start", 0), ("preempted", stopped), ("end", stopped)]
-    end = [r for r in read_metrics(src / "metrics.jsonl") if r["kind"] == "event"][-1]
-    assert json.loads(end["detail"])["preempted"] is True and json.loads(end["detail"])["final"] is None
-    assert _committed(src)[-1] == stopped  # nothing is lost: the checkpoint is at the step reached
+    end = _records(src)[-1]
+    assert end.kind == "end" and end.summary.preempted and end.summary.final is None
+    assert _committed(setup, src)[-1] == stopped  # nothing is lost: the checkpoint is at the step reached
     assert f"stopped at step {stopped} after a checkpoint" in preempted["log"]
     assert not (src / "final").exists()
     job = setup["root"] / "preempted-resumed"
@@ -257,35 +267,245 @@ def test_sigterm_checkpoints_the_step_reached_exits_75_and_resumes(setup, refere
 
     events = [("start", 0), ("preempted", stopped), ("end", stopped), ("resume", stopped), ("end", TOTAL_STEPS)]
     assert _events(job) == events
-    steps = [r["step"] for r in read_metrics(job / "metrics.jsonl") if r["kind"] == "train"]
+    steps = [e.step for e in _records(job) if e.kind == "step"]
     assert steps == list(range(1, TOTAL_STEPS + 1))  # no step done twice
     _assert_same_as_reference(job, reference)
 
 
 def test_a_checkpoint_cut_off_before_its_marker_is_ignored(setup, reference, preempted):
-    """Resume skips checkpoints without a valid marker and continues from the newest complete one.
+    """Resume skips checkpoints without a valid manifest and continues from the newest complete one.
 
-    On a copy of the preempted job: the newest committed checkpoint loses its marker (cut off
-    before the commit), and a later step is left as a ``.tmp-step-*`` folder holding a complete
-    copy with its marker (a crash between the marker and the rename). Resume starts from the
-    previous complete checkpoint, reaches the uninterrupted run's result, and the next commit
-    removes both leftovers.
+    On a copy of the preempted job: the newest committed checkpoint loses its manifest (an upload
+    cut off before the commit), and a later step is left as a folder of uploaded files with no
+    manifest. Resume starts from the previous complete checkpoint, says which it passed over,
+    reaches the uninterrupted run's result, and the next commit removes the leftovers.
     """
     assert preempted["code"] == EXIT_PREEMPTED, preempted["log"]
     job = setup["root"] / "cut-off"
     shutil.copytree(preempted["job"], job)
-    committed = _committed(job)
+    committed = _committed(setup, job)
     assert len(committed) == 2, committed
     previous, newest = committed
-    cut = step_dir(job, newest)
-    leftover = cut.parent / f".tmp-step-{newest + 1:09d}-12345"
+    cut = job / "checkpoints" / f"step-{newest:09d}"
+    leftover = cut.parent / f"step-{newest + 1:09d}"
     shutil.copytree(cut, leftover)
+    (leftover / MARKER).unlink()
     (cut / MARKER).unlink()
-    assert _committed(job) == [previous]
+    assert _committed(setup, job) == [previous]
 
     assert _run(setup, job) == 0, _log_tail(job)
 
     assert _events(job)[-2:] == [("resume", previous), ("end", TOTAL_STEPS)]
-    assert f"ignoring checkpoint {cut}: no {MARKER} (cut off before its commit)" in _log_tail(job, chars=10**6)
-    assert not leftover.exists() and not (cut.exists() and verify(cut))  # cleaned up after the next commit
+    resume = [e for e in _records(job) if e.kind == "resume"][-1]
+    assert [r.split(":")[0] for r in resume.refused] == [leftover.name, cut.name]
+    assert all("no COMMITTED.json: cut off before its commit" in r for r in resume.refused)
+    names = [name for _, name in list_steps(JobStore.folder(job))]
+    assert leftover.name not in names  # written again when the run reached it, or pruned after the next commit
+    assert prune(JobStore.folder(job), 2, _key(setup)) == []  # nothing untrusted is left
     _assert_same_as_reference(job, reference)
+
+
+# ----------------------------------------------------------------------------- planted checkpoints
+
+
+def _pickle_that_runs(command: str) -> bytes:
+    """What a hostile tenant would put in a checkpoint: unpickling it runs ``command``."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, (command,))
+
+    return pickle.dumps(Payload())
+
+
+def _plant(folder: Path, payload: bytes, *, signature: str) -> None:
+    """Swap a checkpoint's DeepSpeed state for ``payload`` and make its manifest list it again.
+
+    ``signature``: "keep" (the old signature, now over other content), "drop" (unsigned).
+    """
+    state = folder / "deepspeed" / "mp_rank_00_model_states.pt"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_bytes(payload)
+    path = folder / MARKER
+    marker = json.loads(path.read_text()) if path.exists() else {"format_version": 2, "kind": "checkpoint", "files": {}}
+    marker["files"]["deepspeed/mp_rank_00_model_states.pt"] = {"size": len(payload), "sha256": "0" * 64}
+    if signature == "drop":
+        marker.pop("signature", None)
+    path.write_text(json.dumps(marker))
+
+
+def test_planted_checkpoints_are_refused_by_name_and_never_unpickled(setup, reference):
+    """A pickle that would run code, behind a re-digested manifest, an unsigned one and a hand-made folder:
+    each is refused by name, nothing of it is unpickled, and the job goes on from the newest checkpoint
+    it can trust (and says so), or starts over when there is none."""
+    sentinel = setup["root"] / "pwned"
+    payload = _pickle_that_runs(f"touch {sentinel}")
+    previous, newest = _committed(setup, reference)
+
+    job = setup["root"] / "planted"
+    shutil.copytree(reference, job)
+    shutil.rmtree(job / "final")
+    _plant(job / "checkpoints" / f"step-{newest:09d}", payload, signature="keep")
+    _plant(job / "checkpoints" / "step-000000099", payload, signature="drop")
+    assert _run(setup, job) == 0, _log_tail(job)
+    resume = [e for e in _records(job) if e.kind == "resume"][-1]
+    assert resume.checkpoint == f"step-{previous:09d}" and f"from checkpoint step-{previous:09d}" in resume.detail
+    assert [r.split(":")[0] for r in resume.refused] == ["step-000000099", f"step-{newest:09d}"]
+    assert "unsigned" in resume.refused[0] and "signature does not match its content" in resume.refused[1]
+    _assert_same_as_reference(job, reference)
+
+    job = setup["root"] / "planted-everywhere"
+    shutil.copytree(reference, job)
+    shutil.rmtree(job / "final")
+    for step in (previous, newest):
+        _plant(job / "checkpoints" / f"step-{step:09d}", payload, signature="drop")
+    assert _run(setup, job) == 0, _log_tail(job)
+    start = _records(job)[len(_records(reference))]
+    assert start.kind == "start" and "starting over: no trustworthy checkpoint" in start.detail
+    assert all(f"step-{s:09d}: COMMITTED.json is unsigned" in start.detail for s in (previous, newest))
+    assert not sentinel.exists(), "a planted pickle was unpickled"
+    mine, theirs = load_file(job / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
+
+
+# ----------------------------------------------------------------------------- SIGKILL at random moments
+
+KILL_SEEDS = (11, 13)
+
+
+def _partial_uploads(job: Path) -> list[str]:
+    """Checkpoint folders in the job's store that have files but no manifest yet (an upload under way)."""
+    return [f.name for f in (job / "checkpoints").glob("step-*") if not (f / MARKER).exists()] if job.exists() else []
+
+
+def _checkpoint_in_flight(setup: dict[str, Any], job: Path) -> bool:
+    """A checkpoint is being written: DeepSpeed's files in the rank's scratch, or an upload without its manifest."""
+    scratch = setup["root"] / "data" / "scratch" / job.name / "rank-0"
+    return any(scratch.glob("checkpoint-step-*")) or bool(_partial_uploads(job))
+
+
+def _kill_randomly(setup: dict[str, Any], job: Path, rng: Any, in_checkpoint: bool) -> dict[str, Any]:
+    """Start the job and SIGKILL it after a random step: at a random moment, or within a few
+    milliseconds of a checkpoint being seen in flight (written, hashed or uploaded)."""
+    proc = _start(setup, job)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    target = rng.randint(1, TOTAL_STEPS - 2)
+    delay = rng.uniform(0.0, 0.01) if in_checkpoint else rng.uniform(0.0, 0.4)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _last_step(job) >= target and (not in_checkpoint or _checkpoint_in_flight(setup, job)):
+            time.sleep(delay)
+            break
+        time.sleep(0.0005)
+    if proc.poll() is not None:
+        return {"finished": True, "code": proc.returncode}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return {
+        "finished": False, "step": _last_step(job), "in_flight": _checkpoint_in_flight(setup, job),
+        "partial_upload": _partial_uploads(job),
+    }  # fmt: skip
+
+
+def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(setup, reference):
+    """Over several seeds, a job saving a checkpoint after every step is killed twice (once at a random
+    moment, once while a checkpoint is being written or uploaded), then run to its end: it always resumes
+    from a complete checkpoint, and ends with the uninterrupted run's weights."""
+    import random
+
+    every_step = yaml.safe_load(setup["recipe"].read_text(encoding="utf-8"))
+    every_step["training"]["save_every_steps"] = 1
+    recipe = setup["root"] / "every-step.yaml"
+    recipe.write_text(yaml.safe_dump(every_step, allow_unicode=True), encoding="utf-8")
+    kills, lines = [], []
+    for seed in KILL_SEEDS:
+        rng = random.Random(seed)
+        job = setup["root"] / f"random-kills-{seed}"
+        for in_checkpoint in rng.sample([False, True], 2):
+            outcome = _kill_randomly({**setup, "recipe": recipe}, job, rng, in_checkpoint)
+            kills.append({"seed": seed, "aimed": in_checkpoint, **outcome})
+        assert _run({**setup, "recipe": recipe}, job) == 0, _log_tail(job)
+        resumes = [e for e in _records(job) if e.kind == "resume"]
+        trusted = set(_committed(setup, job))
+        for resume in resumes:  # each resume named a complete checkpoint, or passed over incomplete ones only
+            assert all("cut off before its commit" in r for r in resume.refused), resume.refused
+        assert trusted and max(trusted) == TOTAL_STEPS
+        mine = load_file(job / "final" / "model.safetensors")
+        theirs = load_file(reference / "final" / "model.safetensors")
+        assert all(torch.equal(mine[name], theirs[name]) for name in theirs), f"seed {seed}: other final weights"
+        lines.append(f"seed {seed}: resumed at {[e.step for e in resumes]}, refused {[e.refused for e in resumes]}")
+    print("\n" + "\n".join(lines + [str(k) for k in kills]))
+    killed = [k for k in kills if not k["finished"]]
+    assert len(killed) >= len(kills) - 1, kills
+    assert sum(k["in_flight"] for k in killed) >= len(KILL_SEEDS), f"too few kills landed in a checkpoint: {kills}"
+
+
+def test_sigkill_during_uploads_to_s3_never_leaves_a_checkpoint_that_is_taken_for_complete(setup, reference, s3_server):
+    """The same job, its store in a tenant bucket on the S3 server on loopback, run as one worker by the
+    driver: killed while checkpoint files are on their way to the bucket (its manifest not yet written),
+    each resume passes over the cut-off upload by name, and the end is the uninterrupted run's weights."""
+    import random
+    import tempfile
+
+    from finetune.registry import Registry
+    from finetune.storage import StorageConfig
+    from finetune.train.launch import plan_job
+    from finetune.validate import load_recipe
+
+    config = StorageConfig(
+        url=f"s3://{s3_server['bucket']}/resume", endpoint_url=s3_server["endpoint_url"], region=s3_server["region"],
+        access_key_id=s3_server["access_key_id"], secret_access_key=s3_server["secret_access_key"],
+    )  # fmt: skip
+    store = JobStore(Bucket(config, "t1", "2026q1"), "jobs/s3-kills", "s3-kills")
+    settings = Settings(data_dir=setup["root"] / "data", events_flush_seconds=0.001)
+    every_step = yaml.safe_load(setup["recipe"].read_text(encoding="utf-8"))
+    every_step["training"]["save_every_steps"] = 1
+    recipe = load_recipe_text(every_step, setup["root"] / "every-step-s3.yaml", load_recipe)
+    registry = Registry.load(settings.registry, settings.lock_path)
+    spec, _ = plan_job(recipe, Bucket.folder(setup["bucket"]), store, settings, registry=registry)
+    spec_file = setup["root"] / "s3-spec.json"
+    spec_file.write_text(spec.model_dump_json(), encoding="utf-8")
+    env = {**setup["env"], "FINETUNE_S3_ACCESS_KEY_ID": config.access_key_id or "",
+           "FINETUNE_S3_SECRET_ACCESS_KEY": config.secret_access_key or ""}  # fmt: skip
+    command = [sys.executable, "-m", "workers.driver", str(spec_file), "--local"]
+
+    def last_step() -> int:
+        return max((e.step for e in read_events(store.bucket, store.prefix) if e.kind == "step"), default=0)
+
+    def partial() -> list[str]:
+        return [n for _, n in list_steps(store) if not store.bucket.exists(f"{store.path('checkpoints', n)}/{MARKER}")]
+
+    rng, cut = random.Random(5), []
+    for _ in range(3):  # each run killed during the upload of a checkpoint after a step it had not reached
+        target = min(TOTAL_STEPS - 1, last_step() + rng.randint(1, 3))
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            found = [n for n in partial() if int(n.split("-")[1]) >= target] if last_step() >= target else []
+            if found:
+                os.kill(proc.pid, signal.SIGKILL)
+                cut.append(found[-1])
+                break
+        proc.wait()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumes = [e for e in read_events(store.bucket, store.prefix) if e.kind == "resume"]
+    refused = [r.split(":")[0] for e in resumes for r in e.refused]
+    print(f"\nkilled during uploads of {cut}; resumes at {[e.step for e in resumes]} passed over {refused}")
+    assert len(set(cut)) >= 2, f"too few kills landed during an upload: {cut}"
+    assert set(cut) <= set(refused) | {f"step-{e.step:09d}" for e in resumes}, (cut, refused)
+    assert all("cut off before its commit" in r for e in resumes for r in e.refused)
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = store.path("final")
+        fetch_folder(store.bucket, rel, read_marker(store.bucket, rel, "final", _key(setup)), Path(tmp))
+        mine = load_file(Path(tmp) / "model.safetensors")
+    theirs = load_file(reference / "final" / "model.safetensors")
+    assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
+
+
+def load_recipe_text(doc: dict[str, Any], path: Path, load: Any) -> Any:
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    from finetune.registry import Registry
+
+    settings = Settings()
+    return load(path, Registry.load(settings.registry, settings.lock_path))
