@@ -274,6 +274,12 @@ def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
         contents=args.contents,
         shard_size=args.shard_size,
     )
+    if args.publish:
+        from finetune.archive import publish_archive
+
+        job = result.manifest["job"]
+        publish_archive(JobStore.folder(job_dir), result.path, settings.signer(), {"name": result.manifest["name"],
+                                                                                   "step": job["step"]})  # fmt: skip
     if args.json:
         _print_json(result.as_dict())
         return EXIT_OK
@@ -400,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--contents", choices=["merged", "adapter", "both"], help="weights to include (default: the recipe's)"
     )
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the merged model (default 5GB)")
+    p.add_argument("--publish", action="store_true", help="also publish it, signed, into the job folder's archive/")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_archive_build)
     p = asub.add_parser("verify", help="check an archive's members, digests and model; OK or every problem")

@@ -19,17 +19,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def dumps_json(data: Any) -> str:
+def dumps_json(data: Any, *, sort_keys: bool = True) -> str:
     """The engine's JSON files: indented, keys sorted, UTF-8 text kept as it is, newline-terminated."""
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
     """Write JSON so that readers see the old file or the whole new one, and it survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     with open(part, "w", encoding="utf-8") as fh:
-        fh.write(dumps_json(data))
+        fh.write(dumps_json(data, sort_keys=sort_keys))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(part, path)

@@ -27,7 +27,8 @@ case "${1:-}" in
 esac
 
 # Binary wheels for CPython 3.12 on manylinux x86-64 (pydantic-core is compiled), then DeepSpeed.
-BINARY=(pydantic pydantic-core annotated-types typing-inspection typing-extensions pydantic-settings python-dotenv hjson)
+BINARY=(pydantic pydantic-core annotated-types typing-inspection typing-extensions pydantic-settings python-dotenv hjson
+        cryptography cffi pycparser)
 SOURCE=(deepspeed)
 
 version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }

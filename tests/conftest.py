@@ -75,3 +75,22 @@ def s3_server() -> Iterator[dict[str, str]]:
         yield info
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_storage(s3_server: dict[str, str]) -> Any:
+    """``make(base=None)``: a StorageConfig on the S3 server, under its own base prefix (fresh by default)."""
+    import uuid
+
+    from finetune.storage import StorageConfig
+
+    def make(base: str | None = None) -> StorageConfig:
+        return StorageConfig(
+            url=f"s3://{s3_server['bucket']}/{base or uuid.uuid4().hex}",
+            endpoint_url=s3_server["endpoint_url"],
+            region=s3_server["region"],
+            access_key_id=s3_server["access_key_id"],
+            secret_access_key=s3_server["secret_access_key"],
+        )
+
+    return make

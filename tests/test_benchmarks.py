@@ -165,7 +165,7 @@ def test_gather_wheels_lists_what_the_gpu_machine_lacks_without_network():
     import pydantic
 
     assert pins["deepspeed"] == deepspeed.__version__ and pins["pydantic"] == pydantic.VERSION
-    assert {"pydantic-core", "pydantic-settings", "hjson"} <= pins.keys()
+    assert {"pydantic-core", "pydantic-settings", "hjson", "cryptography"} <= pins.keys()
     assert not {"datasets", "pyarrow", "ray", "torch", "transformers"} & pins.keys()  # there already, or not needed
     dry = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
     assert dry.returncode == 0, dry.stderr

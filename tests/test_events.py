@@ -3,7 +3,6 @@
 import json
 import logging
 import math
-import uuid
 
 import pytest
 from pydantic import ValidationError
@@ -28,7 +27,7 @@ from finetune.events import (
     read_events,
     to_jsonl,
 )
-from finetune.storage import Bucket, PathEscapeError, StorageConfig, StorageError
+from finetune.storage import Bucket, PathEscapeError, StorageError
 
 HARDWARE = {"device": "cpu", "world_size": 1, "gpus": []}
 PARAMETERS = {"total": 1_000, "trained": 64}
@@ -303,15 +302,8 @@ def test_unwritable_events_are_refused_at_emit(bucket, clock):
         EventLog(bucket, "../other", clock=clock)
 
 
-def test_events_on_s3(s3_server, clock):
-    config = StorageConfig(
-        url=f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}",
-        endpoint_url=s3_server["endpoint_url"],
-        region=s3_server["region"],
-        access_key_id=s3_server["access_key_id"],
-        secret_access_key=s3_server["secret_access_key"],
-    )
-    bucket = Bucket(config, "t1", "2026q1")
+def test_events_on_s3(s3_storage, clock):
+    bucket = Bucket(s3_storage(), "t1", "2026q1")
     log = EventLog(bucket, "jobs/j1", clock=clock)
     log.emit(start())
     log.emit(train_step(1, grad_norm=math.nan))

@@ -1,8 +1,8 @@
 """Tenant buckets: the same tests on file:// and on S3 (a real S3-compatible server on loopback)."""
 
+import dataclasses
 import json
 import os
-import uuid
 
 import pytest
 
@@ -18,16 +18,8 @@ KEY = SigningKey.generate()
 def config(request, tmp_path):
     if request.param == "file":
         return StorageConfig(url=(tmp_path / "buckets").as_uri(), quota_bytes=10_000)
-    s3 = request.getfixturevalue("s3_server")
     # each test gets its own prefix in the shared test bucket
-    return StorageConfig(
-        url=f"s3://{s3['bucket']}/{uuid.uuid4().hex}",
-        quota_bytes=10_000,
-        endpoint_url=s3["endpoint_url"],
-        region=s3["region"],
-        access_key_id=s3["access_key_id"],
-        secret_access_key=s3["secret_access_key"],
-    )
+    return dataclasses.replace(request.getfixturevalue("s3_storage")(), quota_bytes=10_000)
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ class JobSource:
 
     @property
     def eot(self) -> str | None:
-        return self.entry.chat.eot if self.entry is not None and self.entry.chat is not None else None
+        return self.entry.eot if self.entry is not None else None
 
 
 def _json(store: JobStore, name: str, required: bool) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def open_job(
         ModelStoreError: the base model is not in the model store.
     """
     from finetune.loading import model_folder
-    from finetune.train.checkpoint_files import check_checkpoint, checkpoint_path, list_steps, recipe_digest
+    from finetune.train.checkpoint_files import check_checkpoint, checkpoint_path, list_steps, recipe_digest, trusted
 
     recipe_json = _json(store, RECIPE, required=True)
     recipe = Recipe.model_validate(recipe_json)
@@ -113,12 +113,12 @@ def open_job(
     base_dir = model_folder(recipe, registry, model_store)
     events, report = read_events(store.bucket, store.prefix), _json(store, DATA_REPORT, required=False)
     names = [name for _, name in list_steps(store)]
+    complete = ", ".join(info.name for info in trusted(store, key)) or "none"
     if checkpoint is None:
         try:
             manifest = read_marker(store.bucket, store.path(FINAL), "final", key)
         except FolderRefused as exc:
-            complete = ", ".join(n for n in names if _trusted(store, n, key))
-            hint = f"; choose a checkpoint with --checkpoint ({complete})" if complete else ""
+            hint = f"; choose a checkpoint with --checkpoint ({complete})" if complete != "none" else ""
             raise ArchiveError(f"{store.describe()} has no final model that can be trusted ({exc}){hint}") from None
         dest = work / FINAL
         _fetch(store, store.path(FINAL), manifest, dest, None)
@@ -126,7 +126,6 @@ def open_job(
         return JobSource(store, recipe, recipe_json, entry, base_dir, "final", dest,
                          step if isinstance(step, int) else None, events, report, manifest)  # fmt: skip
     if checkpoint not in names:
-        complete = ", ".join(n for n in names if _trusted(store, n, key)) or "none"
         raise ArchiveError(f"no checkpoint '{checkpoint}' in {store.describe()}; complete ones: {complete}")
     try:
         info = check_checkpoint(store, checkpoint, key, recipe_digest(recipe_json))
@@ -136,16 +135,6 @@ def open_job(
     _fetch(store, checkpoint_path(store, checkpoint), info.marker, dest, lambda n: not n.endswith(".py"))
     return JobSource(store, recipe, recipe_json, entry, base_dir, checkpoint, dest, info.step, events, report,
                      info.marker)  # fmt: skip
-
-
-def _trusted(store: JobStore, name: str, key: VerifyKey) -> bool:
-    from finetune.train.checkpoint_files import check_checkpoint
-
-    try:
-        check_checkpoint(store, name, key)
-    except FolderRefused:
-        return False
-    return True
 
 
 def _fetch(store: JobStore, rel: str, manifest: dict[str, Any], dest: Path, wanted: Any) -> None:

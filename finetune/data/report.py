@@ -7,11 +7,8 @@ leave it out (:meth:`DataReport.for_operators`).
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import statistics
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,15 +119,9 @@ class DataReport:
         Returns:
             ``path``.
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from finetune.files import write_json_atomic
+
+        write_json_atomic(path, self.as_dict(), sort_keys=False)
         return path
 
     def for_operators(self) -> dict[str, Any]:

@@ -119,6 +119,17 @@ def check_checkpoint(store: JobStore, name: str, key: VerifyKey, recipe: str | N
     return CheckpointInfo(name=name, step=step, marker=marker)
 
 
+def trusted(store: JobStore, key: VerifyKey) -> list[CheckpointInfo]:
+    """Every checkpoint whose manifest checks out, oldest first."""
+    found = []
+    for _step, name in list_steps(store):
+        try:
+            found.append(check_checkpoint(store, name, key))
+        except FolderRefused:
+            continue
+    return found
+
+
 def find_latest(
     store: JobStore, key: VerifyKey, *, recipe: str | None = None, passed_over: tuple[str, ...] = ()
 ) -> tuple[CheckpointInfo | None, list[str]]:

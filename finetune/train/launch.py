@@ -14,6 +14,7 @@ import os
 
 from finetune.errors import FinetuneError, Issue, RecipeError
 from finetune.events import JobSummary
+from finetune.files import dumps_json
 from finetune.jobstore import DATA_REPORT, RECIPE, JobStore
 from finetune.prepare import PreparedJob, prepare_job
 from finetune.recipe import Recipe
@@ -60,7 +61,7 @@ def _claim(store: JobStore, recipe: Recipe) -> None:
                 "or remove it to start over"
             )
         return
-    store.bucket.write_bytes(rel, (json.dumps(resolved, indent=2, ensure_ascii=False) + "\n").encode())
+    store.bucket.write_bytes(rel, dumps_json(resolved, sort_keys=False).encode())
 
 
 def stage_job(job: PreparedJob, store: JobStore, settings: Settings, *, progress: bool = False) -> JobSpec:
@@ -75,8 +76,7 @@ def stage_job(job: PreparedJob, store: JobStore, settings: Settings, *, progress
     if job.model.folder is None:
         raise FinetuneError("a job can only be staged with its real model in the store")
     _claim(store, job.recipe)
-    report = json.dumps(job.report.as_dict(), indent=2, ensure_ascii=False) + "\n"
-    store.bucket.write_bytes(store.path(DATA_REPORT), report.encode())
+    store.bucket.write_bytes(store.path(DATA_REPORT), dumps_json(job.report.as_dict(), sort_keys=False).encode())
     publish_prepared(job, store, settings.signer())
     return JobSpec(
         store=store.ref(),

@@ -251,9 +251,13 @@ def _cli(*args: str) -> tuple[int, str, str]:
 
 def test_cli_build_and_verify(jobs, data_dir, tmp_path):
     out = tmp_path / "cli.tar"
-    code, stdout, stderr = _cli("archive", "build", str(jobs.full), "--out", str(out))
+    job = tmp_path / "job"
+    shutil.copytree(jobs.full, job)
+    code, stdout, stderr = _cli("archive", "build", str(job), "--out", str(out), "--publish")
     assert code == 0, stderr
     assert "archive" in stdout and "finetune archive verify" in stdout
+    published = json.loads((job / "archive" / "COMMITTED.json").read_text())
+    assert published["kind"] == "archive" and published["files"]["cli.tar"]["size"] == out.stat().st_size
     code, stdout, _ = _cli("archive", "verify", str(out))
     assert code == 0 and stdout.strip().endswith(f"OK {out}")
     code, stdout, _ = _cli("archive", "verify", str(out), "--json")

@@ -3,7 +3,6 @@
 import io
 import json
 import pickle
-import uuid
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from finetune.loading import ensure_tiny, load_tokenizer
 from finetune.recipe import Recipe
 from finetune.registry import Registry
 from finetune.settings import get_settings
-from finetune.storage import Bucket, StorageConfig
+from finetune.storage import Bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -185,15 +184,8 @@ def test_missing_and_empty_datasets_are_located_errors(tmp_path, tokenizer):
         prepare(make_recipe(), Bucket.folder(tmp_path), tokenizer)
 
 
-def test_dataset_from_an_s3_bucket(tmp_path, tokenizer, s3_server):
-    config = StorageConfig(
-        url=f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}",
-        endpoint_url=s3_server["endpoint_url"],
-        region=s3_server["region"],
-        access_key_id=s3_server["access_key_id"],
-        secret_access_key=s3_server["secret_access_key"],
-    )
-    bucket = Bucket(config, "t1", "2026q1")
+def test_dataset_from_an_s3_bucket(tmp_path, tokenizer, s3_storage):
+    bucket = Bucket(s3_storage(), "t1", "2026q1")
     bucket.write_bytes("data/train.jsonl", ("\n".join(GOOD[:30]) + "\n").encode())
     prepared = prepare(make_recipe(), bucket, tokenizer, scratch=tmp_path / "scratch")
     assert prepared.report.rows_used == 30

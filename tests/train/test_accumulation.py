@@ -86,13 +86,13 @@ def recipe_for(micro_batch: int, grad_accum: int, zero_stage: int) -> Recipe:
 
 
 class Records:
-    """A metrics sink that keeps the records."""
+    """A metrics sink that keeps the events, as dicts."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def emit(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+    def emit(self, event: Any) -> None:
+        self.records.append(event.model_dump())
 
     def close(self) -> None:
         pass
@@ -119,7 +119,7 @@ def train(recipe: Recipe, model_dir: Path, rows: list[PackedRow]) -> dict[str, A
                 engine, plan, rows, [], pad_id=PAD_ID, worker=worker, sink=sink, hooks=Hooks(save=lambda _: None),
                 state=LoopState(),
             )  # fmt: skip
-            steps = [r for r in sink.records if r["kind"] == "train"]
+            steps = [r for r in sink.records if r["kind"] == "step"]
             return {"plan": plan, "steps": steps, "final": trainable(engine.module)}
         finally:
             close_process_group(created)

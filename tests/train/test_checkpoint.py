@@ -27,7 +27,7 @@ from finetune.hashing import sha256_file
 from finetune.jobstore import JobStore
 from finetune.published import MARKER, commit_folder, upload_files
 from finetune.signing import SigningKey, sign_document
-from finetune.storage import Bucket, StorageConfig
+from finetune.storage import Bucket
 from finetune.train import checkpoint as ckpt
 from finetune.train.checkpoint import (
     CheckpointError,
@@ -57,12 +57,7 @@ DIGEST = recipe_digest(RECIPE)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
     if request.param == "file":
         return JobStore(Bucket.folder(tmp_path / "bucket"), "jobs/j1", "j1")
-    s3 = request.getfixturevalue("s3_server")
-    config = StorageConfig(
-        url=f"s3://{s3['bucket']}/{uuid.uuid4().hex}", endpoint_url=s3["endpoint_url"], region=s3["region"],
-        access_key_id=s3["access_key_id"], secret_access_key=s3["secret_access_key"],
-    )  # fmt: skip
-    return JobStore(Bucket(config, "t1", "2026q1"), "jobs/j1", "j1")
+    return JobStore(Bucket(request.getfixturevalue("s3_storage")(), "t1", "2026q1"), "jobs/j1", "j1")
 
 
 @pytest.fixture

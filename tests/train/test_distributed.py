@@ -44,11 +44,11 @@ import torch
 
 from finetune.events import Event, read_events
 from finetune.jobstore import FINAL, JobStore
-from finetune.published import FolderRefused, fetch_folder, read_marker
+from finetune.published import fetch_folder, read_marker
 from finetune.recipe import Recipe
 from finetune.settings import Settings
 from finetune.storage import Bucket, StorageConfig
-from finetune.train.checkpoint_files import check_checkpoint, list_steps
+from finetune.train.checkpoint_files import trusted
 from finetune.train.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +180,9 @@ def _rel(a: float, b: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, str]) -> Workspace:
+def workspace(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, str], s3_storage: Callable[[str], StorageConfig]
+) -> Workspace:
     root = tmp_path_factory.mktemp("distributed")
     bucket = root / "bucket"
     (bucket / "data").mkdir(parents=True)
@@ -189,12 +191,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, s3_server: dict[str, str
         data_dir=root / "data", model_store=root / "data" / "models", storage_url=None, events_flush_seconds=0.001,
         s3_access_key_id=s3_server["access_key_id"], s3_secret_access_key=s3_server["secret_access_key"],
     )  # fmt: skip
-    s3 = StorageConfig(
-        url=f"s3://{s3_server['bucket']}/distributed", endpoint_url=s3_server["endpoint_url"],
-        region=s3_server["region"], access_key_id=s3_server["access_key_id"],
-        secret_access_key=s3_server["secret_access_key"],
-    )  # fmt: skip
-    return Workspace(root, bucket, settings, s3)
+    return Workspace(root, bucket, settings, s3_storage("distributed"))
 
 
 @pytest.fixture(scope="module")
@@ -327,21 +324,20 @@ def test_two_worker_zero3_checkpoint_archives_to_the_final_model(
         logits.append(load_file(dest / top / "verification" / "reference.safetensors")["logits"])
     assert torch.equal(logits[0], logits[1])
 
+    from finetune.archive import fetch_archive, publish_archive
+
+    publish_archive(run.store, tmp_path / "final.tar", workspace.settings.signer(), {"step": STEPS})
+    fetched = fetch_archive(run.store, workspace.key, tmp_path / "downloaded")
+    assert fetched.read_bytes() == (tmp_path / "final.tar").read_bytes()
+
 
 # ------------------------------------------------------------------------------ worker failure
 
 
 def _committed(run_or_store: Run | JobStore, key: Any = None) -> list[int]:
-    store = run_or_store.store if isinstance(run_or_store, Run) else run_or_store
-    key = run_or_store.key if isinstance(run_or_store, Run) else key
-    trusted = []
-    for step, name in list_steps(store):
-        try:
-            check_checkpoint(store, name, key)
-            trusted.append(step)
-        except FolderRefused:
-            pass
-    return trusted
+    if isinstance(run_or_store, Run):
+        return [info.step for info in trusted(run_or_store.store, run_or_store.key)]
+    return [info.step for info in trusted(run_or_store, key)]
 
 
 def _ray_train_workers() -> list[Any]:

@@ -102,13 +102,13 @@ def recipe_for(method: str, weight_decay: float) -> Recipe:
 
 
 class Records:
-    """A metrics sink that keeps the records."""
+    """A metrics sink that keeps the events, as dicts."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
-    def emit(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+    def emit(self, event: Any) -> None:
+        self.records.append(event.model_dump())
 
     def close(self) -> None:
         pass
@@ -141,7 +141,7 @@ def run_ours(recipe: Recipe, model_dir: Path, rows: list[PackedRow]) -> dict[str
                 engine, plan, rows, [], pad_id=PAD_ID, worker=worker, sink=sink, hooks=Hooks(save=lambda _: None),
                 state=LoopState(),
             )  # fmt: skip
-            steps = [r for r in sink.records if r["kind"] == "train"]
+            steps = [r for r in sink.records if r["kind"] == "step"]
             return {"plan": plan, "steps": steps, "initial": initial, "final": trainable(engine.module)}
         finally:
             close_process_group(created)

@@ -31,10 +31,10 @@ from safetensors.torch import load_file
 
 from finetune.events import Event, read_events
 from finetune.jobstore import JobStore
-from finetune.published import MARKER, FolderRefused, fetch_folder, read_marker
+from finetune.published import MARKER, fetch_folder, read_marker
 from finetune.settings import Settings
 from finetune.storage import Bucket
-from finetune.train.checkpoint_files import check_checkpoint, list_steps, prune
+from finetune.train.checkpoint_files import list_steps, prune, trusted
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_PREEMPTED = 75
@@ -177,14 +177,7 @@ def _key(setup: dict[str, Any]) -> Any:
 
 def _committed(setup: dict[str, Any], job: Path) -> list[int]:
     """Steps of the checkpoints whose signed manifest checks out."""
-    store, key, trusted = JobStore.folder(job), _key(setup), []
-    for step, name in list_steps(store):
-        try:
-            check_checkpoint(store, name, key)
-            trusted.append(step)
-        except FolderRefused:
-            pass
-    return trusted
+    return [info.step for info in trusted(JobStore.folder(job), _key(setup))]
 
 
 def _assert_same_as_reference(job: Path, reference: Path) -> None:
@@ -440,7 +433,9 @@ def test_sigkill_at_random_moments_always_resumes_from_a_complete_checkpoint(set
     assert sum(k["in_flight"] for k in killed) >= len(KILL_SEEDS), f"too few kills landed in a checkpoint: {kills}"
 
 
-def test_sigkill_during_uploads_to_s3_never_leaves_a_checkpoint_that_is_taken_for_complete(setup, reference, s3_server):
+def test_sigkill_during_uploads_to_s3_never_leaves_a_checkpoint_that_is_taken_for_complete(
+    setup, reference, s3_storage
+):
     """The same job, its store in a tenant bucket on the S3 server on loopback, run as one worker by the
     driver: killed while checkpoint files are on their way to the bucket (its manifest not yet written),
     each resume passes over the cut-off upload by name, and the end is the uninterrupted run's weights."""
@@ -448,14 +443,10 @@ def test_sigkill_during_uploads_to_s3_never_leaves_a_checkpoint_that_is_taken_fo
     import tempfile
 
     from finetune.registry import Registry
-    from finetune.storage import StorageConfig
     from finetune.train.launch import plan_job
     from finetune.validate import load_recipe
 
-    config = StorageConfig(
-        url=f"s3://{s3_server['bucket']}/resume", endpoint_url=s3_server["endpoint_url"], region=s3_server["region"],
-        access_key_id=s3_server["access_key_id"], secret_access_key=s3_server["secret_access_key"],
-    )  # fmt: skip
+    config = s3_storage()
     store = JobStore(Bucket(config, "t1", "2026q1"), "jobs/s3-kills", "s3-kills")
     settings = Settings(data_dir=setup["root"] / "data", events_flush_seconds=0.001)
     every_step = yaml.safe_load(setup["recipe"].read_text(encoding="utf-8"))
@@ -469,31 +460,41 @@ def test_sigkill_during_uploads_to_s3_never_leaves_a_checkpoint_that_is_taken_fo
            "FINETUNE_S3_SECRET_ACCESS_KEY": config.secret_access_key or ""}  # fmt: skip
     command = [sys.executable, "-m", "workers.driver", str(spec_file), "--local"]
 
-    def last_step() -> int:
-        return max((e.step for e in read_events(store.bucket, store.prefix) if e.kind == "step"), default=0)
+    seen = {"seq": 0, "step": 0}
 
-    def partial() -> list[str]:
-        return [n for _, n in list_steps(store) if not store.bucket.exists(f"{store.path('checkpoints', n)}/{MARKER}")]
+    def last_step() -> int:  # incremental: only the segments published since the last look are read
+        for event in read_events(store.bucket, store.prefix, after=seen["seq"]):
+            seen["seq"] = event.seq
+            if event.kind == "step":
+                seen["step"] = max(seen["step"], event.step)
+        return seen["step"]
+
+    def partial(at_least: int) -> list[str]:  # one listing: checkpoint folders whose manifest is not written yet
+        root = store.path("checkpoints") + "/"
+        files = [name[len(root) :].split("/", 1) for name, _ in store.bucket.walk_files(store.path("checkpoints"))]
+        folders = {folder for folder, _ in files}
+        done = {folder for folder, name in files if name == MARKER}
+        return sorted(f for f in folders - done if int(f.split("-")[1]) >= at_least)
 
     rng, cut = random.Random(5), []
     for _ in range(3):  # each run killed during the upload of a checkpoint after a step it had not reached
-        target = min(TOTAL_STEPS - 1, last_step() + rng.randint(1, 3))
+        target = min(TOTAL_STEPS, last_step() + rng.randint(1, 3))
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + RUN_TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
-            found = [n for n in partial() if int(n.split("-")[1]) >= target] if last_step() >= target else []
-            if found:
+            if last_step() >= target and partial(target):
                 os.kill(proc.pid, signal.SIGKILL)
-                cut.append(found[-1])
                 break
+            time.sleep(0.002)  # the S3 server answers from this process: leave it the interpreter
         proc.wait()
+        cut += partial(target)  # after SIGKILL nothing more is written: these uploads were cut off
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
     resumes = [e for e in read_events(store.bucket, store.prefix) if e.kind == "resume"]
     refused = [r.split(":")[0] for e in resumes for r in e.refused]
     print(f"\nkilled during uploads of {cut}; resumes at {[e.step for e in resumes]} passed over {refused}")
     assert len(set(cut)) >= 2, f"too few kills landed during an upload: {cut}"
-    assert set(cut) <= set(refused) | {f"step-{e.step:09d}" for e in resumes}, (cut, refused)
+    assert set(cut) <= set(refused), (cut, refused)  # every cut-off upload was passed over, by name
     assert all("cut off before its commit" in r for e in resumes for r in e.refused)
     with tempfile.TemporaryDirectory() as tmp:
         rel = store.path("final")
