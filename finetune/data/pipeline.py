@@ -79,7 +79,9 @@ def problem_issue(problem: RowProblem | Dropped) -> Issue:
 
 
 def _local_files(bucket: Bucket, rel: str, scratch: Path | None) -> tuple[Path, list[tuple[str, Path]]]:
-    """A local path for ``rel`` (downloaded to ``scratch`` from remote buckets) and its files."""
+    """A local path for ``rel`` (downloaded to ``scratch`` from remote buckets) and its regular files."""
+    from finetune.data.readers import dataset_files
+
     if not bucket.exists(rel):
         raise DataError([Issue("data.path", f"'{rel}' does not exist in your bucket")], "dataset not found")
     if bucket.local:
@@ -91,8 +93,8 @@ def _local_files(bucket: Bucket, rel: str, scratch: Path | None) -> tuple[Path, 
         names = [n for n, _ in bucket.walk_files(rel)] if bucket.isdir(rel) else [rel]
         for name in names:
             bucket.download(name, scratch / name)
-    files = [(p.relative_to(path).as_posix() or p.name, p) for p in sorted(path.rglob("*")) if p.is_file()]
-    return path, files if path.is_dir() else [(path.name, path)]
+    # Never through a link: these files are hashed for the cache key before read_rows refuses the rest.
+    return path, dataset_files(path)
 
 
 def read_samples(
@@ -290,7 +292,7 @@ def prepare(
     eval_path = None
     if data.eval.path:
         eval_path, eval_files = _local_files(bucket, data.eval.path, scratch)
-    key = ""
+    key = digest = ""
     if cache_dir is not None and model_dir is not None:
         digest = files_digest([("train/" + n, p) for n, p in files] + [("eval/" + n, p) for n, p in eval_files])
         key = cache_key(digest, tokenizer_digest(model_dir), _settings_key(recipe))
@@ -298,10 +300,10 @@ def prepare(
         if cached is not None:
             splits, report_data = cached
             report = DataReport.from_dict(report_data)
-            report.cache_hit = True
+            report.cache_hit, report.dataset_sha256 = True, digest
             return PreparedData(splits.get("train", []), splits.get("eval", []), report)
     prepared = _prepare_uncached(recipe, path, files, eval_path, tokenizer, eot, workers)
-    prepared.report.cache_key = key
+    prepared.report.cache_key, prepared.report.dataset_sha256 = key, digest
     if key and cache_dir is not None:
         save_entry(cache_dir / key, {"train": prepared.train, "eval": prepared.eval}, prepared.report.as_dict())
     return prepared

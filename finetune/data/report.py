@@ -101,6 +101,7 @@ class DataReport:
     sample: str = ""
     cache_key: str = ""
     cache_hit: bool = False
+    dataset_sha256: str = ""  # the dataset files' names, sizes and contents (when it was cached)
 
     def add_problems(self, problems: list[RowProblem]) -> None:
         self.problems_total += len(problems)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from jinja2 import TemplateError
 
+from finetune.data.limits import surrogate_reason, unpaired_surrogate
 from finetune.data.types import IGNORE_INDEX, Message, RowProblem, Sample, TokenizedSample
 from finetune.errors import FinetuneError
 
@@ -125,7 +126,7 @@ def tokenize_sample(
             "preference training is not offered yet"
         )
     special = _specials(tokenizer)
-    problem = _special_token_problem(sample, special)
+    problem = _surrogate_problem(sample) or _special_token_problem(sample, special)
     if problem is not None:
         return problem
     if sample.kind == "text":
@@ -139,6 +140,17 @@ def tokenize_sample(
     if not _has_target(labels):
         return RowProblem(sample.where, "nothing to train: no assistant answer is trained in this sample")
     return _fit(sample.where, ids, labels, max_seq_len, truncation)
+
+
+def _surrogate_problem(sample: Sample) -> RowProblem | None:
+    """A lone surrogate, which no tokenizer can encode (readers refuse such rows; samples may come from elsewhere)."""
+    chat = sample.kind == "chat"
+    for i, text in enumerate([m.content for m in sample.messages] if chat else [sample.text or ""]):
+        char = unpaired_surrogate(text)
+        if char:
+            what = f"message {i + 1}" if chat else "the text"
+            return RowProblem(sample.where, f"{what} {surrogate_reason(char)}", field="messages" if chat else "text")
+    return None
 
 
 def _special_token_problem(sample: Sample, special: _Specials) -> RowProblem | None:
