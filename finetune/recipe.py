@@ -10,6 +10,7 @@ field path; checks against the model registry live in :mod:`finetune.registry`.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,6 +32,48 @@ def _bucket_path(value: str) -> str:
     if problem:
         raise ValueError(problem)
     return normalise_bucket_path(value)
+
+
+class HintedValueError(ValueError):
+    """A validator's refusal that also says what to do; the hint reaches the tenant's issue."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+JOB_NAME_HINT = "use letters (any script), digits, '-', '_' and '.', for example 'support-bot-v2'"
+
+
+def job_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a job, or None.
+
+    The name becomes a folder and a file name on the platform, so it must be one harmless path
+    segment: letters of any script, digits, ``-``, ``_`` and ``.``; no ``/`` or ``\\``, no
+    leading ``.`` (hidden files, ``..``) or ``-`` (read as an option), no spaces or control characters.
+    """
+    if not name:
+        return "a job name cannot be empty"
+    if "/" in name or "\\" in name:
+        return "a job name is a label, not a path: it cannot contain '/' or '\\'"
+    if name[0] in ".-":
+        return f"a job name cannot start with '{name[0]}'"
+    for ch in name:
+        if ch.isalnum() or ch in "-_." or unicodedata.category(ch).startswith("M"):  # marks: Devanagari, Thai...
+            continue
+        if ch.isspace():
+            return "a job name cannot contain spaces"
+        if unicodedata.category(ch).startswith("C"):
+            return f"a job name cannot contain control or invisible characters (found U+{ord(ch):04X})"
+        return f"a job name cannot contain {ch!r}"
+    return None
+
+
+def _job_name(value: str | None) -> str | None:
+    problem = job_name_problem(value) if value is not None else None
+    if problem:
+        raise HintedValueError(problem, JOB_NAME_HINT)
+    return value
 
 
 # ------------------------------------------------------------------------------------ model
@@ -457,7 +500,15 @@ class Recipe(Section):
     version: Literal[1] = Field(
         default=1, title="Recipe version", description="Always 1 for now.", json_schema_extra={"readOnly": True}
     )
-    name: str | None = Field(default=None, title="Job name", description="A label for this job.", max_length=120)
+    name: str | None = Field(
+        default=None,
+        title="Job name",
+        description="A label for this job, also used as a folder name: letters (any script), digits, '-', '_' "
+        "and '.'; no spaces, no '/', not starting with '.' or '-'.",
+        min_length=1,
+        max_length=120,
+        examples=["support-bot-v2"],
+    )
     model: ModelSection = Field(title="Model")
     data: DataSection = Field(title="Data")
     method: Method = Field(
@@ -468,6 +519,8 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection, title="Training")
     resources: ResourcesSection = Field(default_factory=ResourcesSection, title="Resources")
     output: OutputSection = Field(default_factory=OutputSection, title="Output")
+
+    _name = field_validator("name")(_job_name)
 
 
 def default_learning_rate(recipe: Recipe) -> float:

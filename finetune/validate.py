@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetune.errors import Issue, RecipeError
+from finetune.limits import DEFAULT_LIMITS, Limits, cap_issues
 from finetune.origin import Decision, OriginFacts, judge
 from finetune.recipe import Recipe, cross_field_issues
 from finetune.registry import Registry, Status
@@ -80,8 +81,20 @@ def _locate(issues: list[Issue], doc: LocatedDoc) -> list[Issue]:
     return located
 
 
-def validate_document(doc: LocatedDoc, registry: Registry) -> tuple[Recipe | None, list[Issue]]:
-    """Validate an already parsed document. Returns the recipe (None if invalid) and every issue."""
+def validate_document(
+    doc: LocatedDoc, registry: Registry, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Recipe | None, list[Issue]]:
+    """Validate an already parsed document.
+
+    Returns:
+        The recipe (None if invalid) and its issues: the first ``limits.max_issues``, then one
+        :class:`~finetune.limits.MoreProblems` line counting the rest, if there are more.
+    """
+    recipe, issues = _validate_document(doc, registry, limits)
+    return recipe, cap_issues(issues, limits)
+
+
+def _validate_document(doc: LocatedDoc, registry: Registry, limits: Limits) -> tuple[Recipe | None, list[Issue]]:
     if doc.issues:
         return None, doc.issues
     data: Any = doc.data
@@ -93,22 +106,27 @@ def validate_document(doc: LocatedDoc, registry: Registry) -> tuple[Recipe | Non
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        return None, pydantic_issues(exc, doc, Recipe)
+        return None, pydantic_issues(exc, doc, Recipe, limits=limits)
     issues = _locate(cross_field_issues(recipe) + model_issues(recipe, registry), doc)
     return (recipe if not issues else None), issues
 
 
-def validate_text(text: str, registry: Registry, file: str | None = None) -> tuple[Recipe | None, list[Issue]]:
-    return validate_document(parse_yaml_located(text, file), registry)
+def validate_text(
+    text: str, registry: Registry, file: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> tuple[Recipe | None, list[Issue]]:
+    """Validate untrusted recipe text (an API request body, say) within ``limits``."""
+    return validate_document(parse_yaml_located(text, file, limits), registry, limits)
 
 
-def validate_file(path: Path, registry: Registry) -> tuple[Recipe | None, list[Issue]]:
-    return validate_document(load_yaml_located(path), registry)
+def validate_file(path: Path, registry: Registry, limits: Limits = DEFAULT_LIMITS) -> tuple[Recipe | None, list[Issue]]:
+    """Validate an untrusted recipe file within ``limits``; no more than the size limit is read."""
+    return validate_document(load_yaml_located(path, limits), registry, limits)
 
 
-def load_recipe(path: Path, registry: Registry) -> Recipe:
-    """Load a recipe file or raise :class:`RecipeError` listing every problem."""
-    recipe, issues = validate_file(path, registry)
+def load_recipe(path: Path, registry: Registry, limits: Limits = DEFAULT_LIMITS) -> Recipe:
+    """Load a recipe file or raise :class:`RecipeError` listing its problems (the first
+    ``limits.max_issues``, then a count of the rest)."""
+    recipe, issues = validate_file(path, registry, limits)
     if recipe is None:
         raise RecipeError(issues, f"recipe {path} is not valid")
     return recipe

@@ -2,10 +2,14 @@
 
 Tenants write recipes by hand or get them from a form; either way an error must point at the
 line. :func:`load_yaml_located` parses YAML into plain data plus a map from field path to line,
-refuses duplicate keys (YAML silently keeps the last one) and reads booleans the YAML 1.2 way
-(``country: NO`` stays the string ``"NO"``). :func:`pydantic_issues` turns a pydantic
-``ValidationError`` into located :class:`~finetune.errors.Issue` objects with tenant-friendly
-messages and "did you mean" hints.
+refuses duplicate keys (YAML silently keeps the last one) and reads scalars the YAML 1.2 way
+(``country: NO`` stays the string ``"NO"``, dates stay text). :func:`pydantic_issues` turns a
+pydantic ``ValidationError`` into located :class:`~finetune.errors.Issue` objects with
+tenant-friendly messages and "did you mean" hints.
+
+Recipes are hostile input: the loader enforces :class:`~finetune.limits.Limits` (size, depth,
+aliases, values, digits) while it composes, and refuses tags other than the plain types, so an
+alias bomb or ``!!python/...`` becomes a located issue before any Python object is built.
 """
 
 from __future__ import annotations
@@ -14,32 +18,190 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NoReturn, Union
 
 import yaml
+import yaml.composer
+import yaml.constructor
+import yaml.parser
+import yaml.reader
+import yaml.resolver
+import yaml.scanner
 from pydantic import BaseModel, ValidationError
 
 from finetune.errors import Issue
+from finetune.limits import DEFAULT_LIMITS, Limits, more_problems
 
 Loc = tuple[str | int, ...]
 
-
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
-
-
-class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]
-    """SafeLoader with YAML 1.2 booleans: only true/false, never yes/no/on/off."""
+_YAML = "tag:yaml.org,2002:"
+#: Explicit tags a recipe may carry; anything else (``!!python/...``, ``!!binary``, ``!custom``) is refused.
+_PLAIN_TAGS = {"!", *(_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map"))}
 
 
-_Loader.yaml_implicit_resolvers = {
-    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+class _Resolver(yaml.resolver.Resolver):
+    """YAML 1.2 core types: booleans are only true/false (never yes/no/on/off); dates stay text."""
+
+
+_Resolver.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag not in {_YAML + t for t in ("bool", "timestamp", "value", "yaml")}]
+    for key, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.copy().items()
 }
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+_Resolver.add_implicit_resolver(_YAML + "bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+class _Refused(Exception):
+    """A document over one of the :class:`~finetune.limits.Limits`, or holding what a recipe may not."""
+
+    def __init__(self, message: str, hint: str | None, mark: Any, path: Loc) -> None:
+        super().__init__(message)
+        self.message, self.hint, self.path = message, hint, path
+        self.line: int | None = mark.line + 1 if mark is not None else None
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len(_YAML) :] if tag.startswith(_YAML) else tag
+
+
+class _BoundedComposer(yaml.composer.Composer):
+    """PyYAML's composer, counting as it goes so that a hostile document is refused early.
+
+    The composer hands every alias back as the node it names, so ten lines of aliases can stand
+    for a billion values: each alias is counted as the values and levels its anchor expands to,
+    and composing stops at the first limit crossed, before any Python object is built.
+    """
+
+    # from the parser mixed in beside it
+    check_event: Callable[..., bool]
+    peek_event: Callable[[], Any]
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__()
+        self.limits = limits
+        self._depth = 0
+        self._deepest = 0  # the deepest level reached, aliases expanded, within the node being composed
+        self._values = 0  # values so far, aliases expanded
+        self._aliases = 0
+        self._expands: dict[str, tuple[int, int]] = {}  # anchor -> (values, levels) it stands for
+        self._path: list[str | int] = []
+
+    def _refuse(self, message: str, hint: str | None, mark: Any) -> NoReturn:
+        raise _Refused(message, hint, mark, tuple(self._path))
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        part = index if isinstance(index, int) else index.value if isinstance(index, yaml.ScalarNode) else None
+        if part is not None:
+            self._path.append(part)
+        if self.check_event(yaml.AliasEvent):
+            self._count_alias(self.peek_event())
+            node = super().compose_node(parent, index)
+        else:
+            node = self._compose_counted(parent, index)
+        if parent is not None and index is None and node is not None and not isinstance(node, yaml.ScalarNode):
+            self._refuse("a key must be plain text, not a list or a mapping", None, node.start_mark)
+        if part is not None:
+            self._path.pop()
+        return node
+
+    def _count_alias(self, event: yaml.AliasEvent) -> None:
+        lim = self.limits
+        self._aliases += 1
+        if self._aliases > lim.max_aliases:
+            hint = f"a recipe may use at most {lim.max_aliases} aliases (limit max_aliases): write the values out"
+            self._refuse(f"more than {lim.max_aliases} YAML aliases (*name)", hint, event.start_mark)
+        anchor = str(event.anchor)
+        if anchor not in self._expands:
+            if anchor in self.anchors:
+                self._refuse(f"alias '*{anchor}' is inside the value it names", None, event.start_mark)
+            return  # an undefined alias: the composer says so
+        values, levels = self._expands[anchor]
+        self._add_values(values, event.start_mark)
+        self._check_depth(self._depth + levels, event.start_mark)
+        self._deepest = max(self._deepest, self._depth + levels)
+
+    def _compose_counted(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if event.tag is not None and event.tag not in _PLAIN_TAGS:
+            hint = "a recipe holds plain values only (text, numbers, true/false, lists, mappings): remove the tag"
+            self._refuse(f"YAML tag '{_short_tag(event.tag)}' is not allowed", hint, event.start_mark)
+        self._depth += 1
+        self._check_depth(self._depth, event.start_mark)
+        self._add_values(1, event.start_mark)
+        first, outer_deepest, self._deepest = self._values, self._deepest, self._depth
+        node = super().compose_node(parent, index)
+        if event.anchor is not None:
+            self._expands[event.anchor] = (self._values - first + 1, self._deepest - self._depth + 1)
+        self._deepest = max(outer_deepest, self._deepest)
+        self._depth -= 1
+        if isinstance(node, yaml.ScalarNode):
+            self._check_scalar(node, explicit=event.tag not in (None, "!"))
+        return node
+
+    def _add_values(self, count: int, mark: Any) -> None:
+        self._values += count
+        if self._values > self.limits.max_nodes:
+            n = self.limits.max_nodes
+            hint = f"a recipe may hold at most {n} values (limit max_nodes)"
+            message = f"the document holds more than {n} values (aliases counted as what they stand for)"
+            self._refuse(message, hint, mark)
+
+    def _check_depth(self, depth: int, mark: Any) -> None:
+        if depth > self.limits.max_depth:
+            n = self.limits.max_depth
+            hint = f"a recipe may nest at most {n} levels (limit max_depth)"
+            self._refuse(f"values are nested more than {n} levels deep", hint, mark)
+
+    def _check_scalar(self, node: yaml.ScalarNode, explicit: bool) -> None:
+        if node.tag == _YAML + "int":
+            digits = len(re.sub(r"^[-+]?(0[xob])?|[_:]", "", node.value))
+            if digits > self.limits.max_int_digits:
+                n = self.limits.max_int_digits
+                hint = f"whole numbers have at most {n} digits (limit max_int_digits)"
+                self._refuse(f"a whole number of {digits} digits", hint, node.start_mark)
+        if explicit and node.tag != _YAML + "str":
+            try:  # an explicit !!int or !!float on a value that is not one
+                self.construct_object(node)  # type: ignore[attr-defined]
+            except (ValueError, LookupError, TypeError, ArithmeticError):
+                what = _short_tag(node.tag)
+                self._refuse(f"'{node.value[:60]}' is not a valid {what}", f"remove the {what} tag", node.start_mark)
+
+
+class _PyParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """PyYAML's own scanner and parser, for when libyaml is not installed."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+def _fastest_parser() -> Any:
+    try:
+        from yaml._yaml import CParser
+    except ImportError:  # PyYAML built without libyaml
+        return _PyParser
+    return CParser
+
+
+_Parser = _fastest_parser()
+_LIBYAML = _Parser is not _PyParser
+
+
+def _loader_class(parser: Any) -> Any:
+    class Loader(_BoundedComposer, parser, yaml.constructor.SafeConstructor, _Resolver):
+        def __init__(self, text: str, limits: Limits) -> None:
+            parser.__init__(self, text)
+            _BoundedComposer.__init__(self, limits)
+            yaml.constructor.SafeConstructor.__init__(self)
+            _Resolver.__init__(self)
+
+    return Loader
+
+
+_Loader: Any = _loader_class(_Parser)
 
 
 @dataclass
@@ -62,6 +224,7 @@ class LocatedDoc:
 
 
 def _walk(node: yaml.Node, loc: Loc, doc: LocatedDoc) -> None:
+    """Record lines and refuse duplicate keys; the composer has bounded the depth and the size."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -92,58 +255,113 @@ def _plain_yaml_problem(problem: str, line_text: str) -> str:
     return problem
 
 
-def parse_yaml_located(text: str, file: str | None = None) -> LocatedDoc:
-    """Parse YAML text; problems go to ``doc.issues`` instead of raising."""
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n} bytes"
+
+
+def _too_big(file: str | None, limits: Limits) -> Issue:
+    n = limits.max_file_bytes
+    hint = f"a recipe may be at most {_size(n)} (limit max_file_bytes); data belongs in data files, not the recipe"
+    return Issue("", f"the file is larger than {_size(n)}", file=file, hint=hint)
+
+
+def _line_at(text: str, offset: int, unit: str) -> int:
+    """1-based line of a character offset, or of a UTF-8 byte offset (libyaml counts bytes)."""
+    if unit == "bytes":
+        return text.encode("utf-8", "surrogatepass")[:offset].count(b"\n") + 1
+    return text[:offset].count("\n") + 1
+
+
+def _yaml_error_issue(exc: yaml.YAMLError, text: str, file: str | None, limits: Limits) -> Issue:
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character, say
+        at = _line_at(text, exc.position, "bytes" if _LIBYAML else "chars")
+        return Issue("", f"not valid YAML text: {str(exc).splitlines()[0]}", file=file, line=at)
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return Issue("", f"YAML syntax error: {exc}", file=file)
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark is not None else None
+    problem = exc.problem or exc.context or "invalid YAML"
+    if "maximum nesting depth" in problem:  # libyaml's own bound, met while it scans ahead
+        n = limits.max_depth
+        hint = f"a recipe may nest at most {n} levels (limit max_depth)"
+        return Issue("", "values are nested too deeply", file=file, line=line, hint=hint)
+    if isinstance(exc, yaml.composer.ComposerError):  # two documents, an undefined or a repeated anchor
+        context = (exc.context or "").split(";")[0]
+        return Issue("", "YAML error: " + ", ".join(p for p in (context, exc.problem) if p), file=file, line=line)
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        return Issue("", f"YAML error: {problem}", file=file, line=line)
+    lines = text.splitlines()
+    line_text = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+    what = _plain_yaml_problem(problem, line_text)
+    hint = "check indentation and the ':' after each key"
+    return Issue("", f"YAML syntax error: {what}", file=file, line=line, hint=hint)
+
+
+def _empty(file: str | None) -> LocatedDoc:
+    hint = "start from recipes/quickstart.yaml"
+    return LocatedDoc(file, issues=[Issue("", "the file is empty", file=file, hint=hint)])
+
+
+def parse_yaml_located(text: str, file: str | None = None, limits: Limits = DEFAULT_LIMITS) -> LocatedDoc:
+    """Parse untrusted YAML text within ``limits``; problems go to ``doc.issues`` instead of raising.
+
+    Args:
+        text: The document.
+        file: Its name, for the issues' locations.
+        limits: Size, depth, alias, value-count and integer-length bounds; a document over one
+            of them is refused with a located issue naming the limit.
+    """
     doc = LocatedDoc(file=file)
+    if len(text) > limits.max_file_bytes or len(text.encode("utf-8", "surrogatepass")) > limits.max_file_bytes:
+        doc.issues.append(_too_big(file, limits))
+        return doc
     if text.startswith("\ufeff"):
         text = text[1:]
     if not text.strip() or all(ln.strip().startswith("#") or not ln.strip() for ln in text.splitlines()):
-        doc.issues.append(Issue("", "the file is empty", file=file, hint="start from recipes/quickstart.yaml"))
-        return doc
+        return _empty(file)
     try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                doc.issues.append(Issue("", "the file is empty", file=file, hint="start from recipes/quickstart.yaml"))
-                return doc
-            doc.lines[()] = node.start_mark.line + 1
-            _walk(node, (), doc)
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, which only text handed over in Python can hold
+        doc.issues.append(Issue("", "not valid UTF-8 text", file=file, line=_line_at(text, exc.start, "chars")))
+        return doc
+    loader = None
+    try:
+        loader = _Loader(text, limits)  # PyYAML's reader refuses control characters here already
+        node = loader.get_single_node()
+        if node is None:
+            return _empty(file)
+        doc.lines[()] = node.start_mark.line + 1
+        _walk(node, (), doc)
+        if not doc.issues:
             doc.data = loader.construct_document(node)
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        lines = text.splitlines()
-        line_text = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
-        what = _plain_yaml_problem(exc.problem or exc.context or "invalid YAML", line_text)
-        doc.issues.append(
-            Issue(
-                "",
-                f"YAML syntax error: {what}",
-                file=file,
-                line=line,
-                hint="check indentation and the ':' after each key",
-            )
-        )
+    except _Refused as exc:
+        path = ".".join(str(p) for p in exc.path)
+        doc.issues.append(Issue(path, exc.message, file=file, line=exc.line, hint=exc.hint))
     except yaml.YAMLError as exc:
-        doc.issues.append(Issue("", f"YAML syntax error: {exc}", file=file))
+        doc.issues.append(_yaml_error_issue(exc, text, file, limits))
+    finally:
+        if loader is not None:
+            loader.dispose()
     return doc
 
 
-def load_yaml_located(path: Path) -> LocatedDoc:
-    """Read and parse a YAML file; unreadable or non-UTF-8 files become issues, not crashes."""
+def load_yaml_located(path: Path, limits: Limits = DEFAULT_LIMITS) -> LocatedDoc:
+    """Read and parse a YAML file within ``limits``; unreadable, oversized or non-UTF-8 files
+    become issues, not crashes. No more than ``limits.max_file_bytes`` + 1 bytes are read."""
+    file = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(limits.max_file_bytes + 1)
     except OSError as exc:
-        return LocatedDoc(file=str(path), issues=[Issue("", f"cannot read file: {exc.strerror}", file=str(path))])
+        return LocatedDoc(file=file, issues=[Issue("", f"cannot read file: {exc.strerror}", file=file)])
+    if len(raw) > limits.max_file_bytes:
+        return LocatedDoc(file=file, issues=[_too_big(file, limits)])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        return LocatedDoc(file=str(path), issues=[Issue("", "not valid UTF-8 text", file=str(path), line=line)])
-    return parse_yaml_located(text, str(path))
+        return LocatedDoc(file=file, issues=[Issue("", "not valid UTF-8 text", file=file, line=line)])
+    return parse_yaml_located(text, file, limits)
 
 
 # ------------------------------------------------------------------------------- pydantic errors
@@ -282,6 +500,12 @@ def _message(err: Any, root: type[BaseModel], loc: Loc) -> tuple[str, str | None
         }
         bound = next(iter(ctx.values()))
         return f"must be {words[kind]} {bound} (got {_show(value)})", None
+    if kind == "string_too_short":
+        n = ctx.get("min_length")
+        return ("must not be empty" if n == 1 else f"must be at least {n} characters long"), None
+    if kind == "string_too_long":
+        got = f" (got {len(value)})" if isinstance(value, str) else ""
+        return f"must be at most {ctx.get('max_length')} characters long{got}", None
     if kind in ("too_short", "too_long"):
         return err["msg"].replace("Value", "value"), None
     if kind == "literal_error":
@@ -292,7 +516,10 @@ def _message(err: Any, root: type[BaseModel], loc: Loc) -> tuple[str, str | None
     if kind == "union_tag_not_found":
         return f"needs a {ctx.get('discriminator', 'type')} setting", None
     if kind in ("value_error", "assertion_error"):
-        return str(ctx.get("error", err["msg"])), None
+        error = ctx.get("error", err["msg"])
+        return str(error), getattr(error, "hint", None)  # a validator may say what to do, as recipe.py's do
+    if kind == "int_parsing_size":
+        return f"the number is too large (got {_show(value)})", None
     base = kind.split("_")[0]
     if base in _TYPE_WORDS and (kind.endswith("_type") or kind.endswith("_parsing")):
         return f"must be {_TYPE_WORDS[base]} (got {_show(value)})", None
@@ -301,14 +528,29 @@ def _message(err: Any, root: type[BaseModel], loc: Loc) -> tuple[str, str | None
     return err["msg"], None
 
 
-def pydantic_issues(exc: ValidationError, doc: LocatedDoc, root: type[BaseModel] | None = None) -> list[Issue]:
-    """Translate a ValidationError into located issues, one per error, in document order."""
-    issues = []
+def pydantic_issues(
+    exc: ValidationError, doc: LocatedDoc, root: type[BaseModel] | None = None, *, limits: Limits | None = None
+) -> list[Issue]:
+    """Translate a ValidationError into located issues, one per error, in document order.
+
+    Args:
+        exc: The error.
+        doc: The document that was validated, for the lines.
+        root: The model validated, for plain messages and "did you mean" hints.
+        limits: When given, only the first ``limits.max_issues`` are worded (a hostile document
+            can hold thousands of unknown keys) and the rest are counted, as :func:`cap_issues` does.
+    """
+    located = []
     for err in exc.errors(include_url=False):
         raw_loc: Loc = tuple(err["loc"])
         loc, _ = _resolve(root, raw_loc) if root is not None else (raw_loc, None)
+        located.append((doc.line_of(tuple(loc)) or 0, ".".join(str(p) for p in loc), raw_loc, err))
+    located.sort(key=lambda item: item[:2])
+    shown = located if limits is None else located[: limits.max_issues]
+    issues = []
+    for line, path, raw_loc, err in shown:
         message, hint = _message(err, root, raw_loc) if root is not None else (err["msg"], None)
-        line = doc.line_of(tuple(loc))
-        issues.append(Issue(".".join(str(p) for p in loc), message, file=doc.file, line=line, hint=hint))
-    issues.sort(key=lambda i: (i.line or 0, i.path))
+        issues.append(Issue(path, message, file=doc.file, line=line or None, hint=hint))
+    if len(located) > len(shown):
+        issues.append(more_problems(len(located) - len(shown), doc.file))
     return issues

@@ -5,12 +5,14 @@ from pydantic import ValidationError
 
 from finetune.paths import bucket_path_problem
 from finetune.recipe import (
+    JOB_NAME_HINT,
     MAX_GPUS_PER_JOB,
     LoraMethod,
     QloraMethod,
     Recipe,
     cross_field_issues,
     default_learning_rate,
+    job_name_problem,
 )
 
 MINIMAL = {"model": {"id": "llama-3.2-1b-instruct"}, "data": {"path": "data/train.jsonl"}}
@@ -137,3 +139,43 @@ def test_a_recipe_never_names_code_to_import():
 
     forbidden = ("_component_", "_target_", "class_path", "import", "callable", "module_path")
     assert not [n for n in names(Recipe) if any(f in n for f in forbidden)]
+
+
+@pytest.mark.parametrize(
+    "name", ["quickstart", "support-bot-v2", "legal_qa.v1.2", "臺灣-模型", "नमस्ते", "_x", "x" * 120]
+)
+def test_job_names_are_identifiers_in_any_script(name):
+    assert recipe(name=name).name == name
+    assert job_name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("../../x", "a job name is a label, not a path: it cannot contain '/' or '\\'"),
+        ("/srv/finetune/jobs/other", "a job name is a label, not a path: it cannot contain '/' or '\\'"),
+        ("C:\\jobs", "a job name is a label, not a path: it cannot contain '/' or '\\'"),
+        (".hidden", "a job name cannot start with '.'"),
+        ("..", "a job name cannot start with '.'"),
+        ("-rf", "a job name cannot start with '-'"),
+        ("my job", "a job name cannot contain spaces"),
+        ("a\nb", "a job name cannot contain spaces"),
+        ("a\x1b[31mb", "a job name cannot contain control or invisible characters (found U+001B)"),
+        ("a\u202eb", "a job name cannot contain control or invisible characters (found U+202E)"),
+        ("a:b", "a job name cannot contain ':'"),
+        ("$(id)", "a job name cannot contain '$'"),
+    ],
+)
+def test_job_names_that_could_lead_elsewhere_are_refused(name, problem):
+    assert job_name_problem(name) == problem
+    with pytest.raises(ValidationError) as exc:
+        recipe(name=name)
+    [error] = exc.value.errors()
+    assert error["loc"] == ("name",) and error["ctx"]["error"].hint == JOB_NAME_HINT
+
+
+def test_job_name_length_is_bounded():
+    for name in ("", "x" * 121):
+        with pytest.raises(ValidationError):
+            recipe(name=name)
+    assert recipe().name is None

@@ -134,3 +134,9 @@ def test_schema_refuses_what_the_engine_refuses(name):
     schema = json.loads(COMMITTED.read_text(encoding="utf-8"))
     data = yaml.safe_load((ROOT / "tests" / "fixtures" / "bad_recipes" / f"{name}.yaml").read_text())
     assert list(jsonschema.Draft202012Validator(schema).iter_errors(data))
+
+
+def test_job_name_is_a_bounded_label_whose_rule_the_form_shows():
+    name = recipe_json_schema()["properties"]["name"]
+    assert (name["type"], name["minLength"], name["maxLength"]) == ("string", 1, 120)
+    assert "no '/'" in name["description"] and "not starting with '.'" in name["description"]

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import main
+from finetune.errors import RecipeError
+from finetune.limits import Limits
 from finetune.recipe import Recipe
 from finetune.settings import get_settings
 from finetune.validate import environment_issues, validate_text
@@ -48,6 +50,7 @@ def test_bad_recipes_cover_the_required_cases():
     required = {
         "unknown_key", "wrong_type", "out_of_range", "missing_required", "denied_model", "unknown_model",
         "dataset_dotdot", "dataset_absolute", "bad_yaml", "empty", "wrong_method_params", "too_many_gpus",
+        "alias_bomb", "huge_integer", "too_deep", "custom_tag", "bad_name", "too_many_errors",
     }  # fmt: skip
     assert required <= names
     assert {p.stem for p in BAD.glob("*.expected")} == names
@@ -103,3 +106,38 @@ def test_qlora_needs_cuda_at_run_time():
     assert environment_issues(r, cuda_available=True, devices=1) == []
     r2 = Recipe.model_validate({"model": {"id": "x"}, "data": {"path": "d"}, "resources": {"gpus": 4}})
     assert [i.path for i in environment_issues(r2, cuda_available=True, devices=2)] == ["resources.gpus"]
+
+
+def test_json_output_lists_the_first_problems_and_counts_the_rest():
+    code, out = run_cli("validate", "--json", str(BAD / "too_many_errors.yaml"))
+    import json
+
+    [result] = json.loads(out)
+    assert code == 2 and len(result["issues"]) == 51
+    assert [i["path"] for i in result["issues"][:2]] == ["setting_00", "setting_01"]
+    assert result["issues"][-1] == {
+        "file": str(BAD / "too_many_errors.yaml"), "line": None, "path": "",
+        "message": "... and 10 more problems", "hint": None, "more": 10,
+    }  # fmt: skip
+
+
+def test_issues_are_capped_and_clipped_by_the_limits(registry):
+    key = "k" * 5000
+    text = "model: {id: llama-3.2-1b-instruct}\ndata: {path: d.jsonl}\n" + "".join(
+        f"? {key}{i}\n: 1\n" for i in range(9)
+    )
+    _, issues = validate_text(text, registry, "r.yaml", Limits(max_issues=3))
+    assert [i.line for i in issues] == [3, 5, 7, None]
+    assert str(issues[-1]) == "r.yaml: ... and 6 more problems"
+    assert all(len(str(i)) < 1000 for i in issues)
+    _, issues = validate_text("a: [\n", registry, "r.yaml", Limits(max_issues=3))
+    assert len(issues) == 1
+
+
+def test_load_recipe_error_lists_the_first_problems_only(registry):
+    from finetune.validate import load_recipe
+
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(BAD / "too_many_errors.yaml", registry)
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 52 and lines[-1].endswith("... and 10 more problems")
