@@ -259,11 +259,17 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.archive import build_archive
+    from finetune.archive.layout import parse_size
     from finetune.jobstore import JobStore
 
     job_dir = Path(args.job_dir)
     if not job_dir.is_dir():
         print(f"finetune: {job_dir} is not a job folder", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        shard_size = parse_size(args.shard_size)
+    except ValueError as exc:
+        print(f"finetune: --shard-size: {exc}", file=sys.stderr)
         return EXIT_INVALID
     result = build_archive(
         JobStore.folder(job_dir),
@@ -272,7 +278,7 @@ def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
         settings=settings,
         checkpoint=args.checkpoint,
         contents=args.contents,
-        shard_size=args.shard_size,
+        shard_size=shard_size,
     )
     if args.publish:
         from finetune.archive import publish_archive
@@ -295,8 +301,19 @@ def cmd_archive_build(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_archive_verify(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.archive import verify_archive
+    from finetune.signing import SigningError, VerifyKey
 
-    report = verify_archive(Path(args.file), base=Path(args.base) if args.base else None, load=not args.no_load)
+    key: VerifyKey | None = None
+    if args.public_key:
+        try:
+            key = VerifyKey.from_base64(args.public_key)
+        except SigningError as exc:
+            print(f"finetune: --public-key: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+    elif settings.signing_key or settings.signing_key_path.is_file():  # never make a key just to verify
+        key = settings.signer().public
+    base = Path(args.base) if args.base else None
+    report = verify_archive(Path(args.file), key=key, base=base, load=not args.no_load)
     if args.json:
         _print_json(report.as_dict())
     else:
@@ -311,6 +328,11 @@ def cmd_archive_verify(args: argparse.Namespace, settings: Settings) -> int:
         else:
             _out(f"FAILED {args.file}: {len(report.problems)} problem(s)")
     return EXIT_OK if report.ok else EXIT_INVALID
+
+
+def cmd_archive_public_key(args: argparse.Namespace, settings: Settings) -> int:
+    _out(settings.signer().public.base64())
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -405,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--contents", choices=["merged", "adapter", "both"], help="weights to include (default: the recipe's)"
     )
-    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard of the merged model (default 5GB)")
+    p.add_argument(
+        "--shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard of the merged model (5GB)"
+    )
     p.add_argument("--publish", action="store_true", help="also publish it, signed, into the job folder's archive/")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.set_defaults(func=cmd_archive_build)
@@ -413,8 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--base", metavar="DIR", help="base model folder for checking an adapter (default: the store)")
     p.add_argument("--no-load", action="store_true", help="check members and digests only, load no model")
+    p.add_argument(
+        "--public-key",
+        metavar="BASE64",
+        help="the platform's published public key (default: this platform's own, when its key is here)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_archive_verify)
+    p = asub.add_parser("public-key", help="print the platform's public key (base64), which verifies its archives")
+    p.set_defaults(func=cmd_archive_public_key)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ import finetune
 from finetune.archive.card import loss_curve_png, model_card, usage
 from finetune.archive.layout import (
     ADAPTER_DIR,
+    ADAPTER_TOLERANCE,
     CARD,
     FORMAT,
     FORMAT_VERSION,
@@ -23,6 +25,7 @@ from finetune.archive.layout import (
     REFERENCE_FILE,
     TOLERANCE,
     archive_name,
+    parse_size,
 )
 from finetune.archive.source import ArchiveError, JobSource, engine_model, open_job
 from finetune.archive.tarball import wants_zstd, write_tar
@@ -33,6 +36,7 @@ from finetune.hashing import folder_manifest
 from finetune.jobstore import JobStore
 from finetune.registry import Registry
 from finetune.settings import Settings
+from finetune.signing import SigningKey, sign_document
 from finetune.train.final import stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -124,6 +128,17 @@ def _data_stats(src: JobSource) -> dict[str, Any]:
     return DataReport.from_dict(src.data_report).for_operators() if src.data_report else {}
 
 
+def _finite(data: Any) -> Any:
+    """``data`` with NaN and infinities as None: the manifest is plain JSON, which a signature covers."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(dumps_json(data), encoding="utf-8")
 
@@ -136,7 +151,7 @@ def build_archive(
     settings: Settings,
     checkpoint: str | None = None,
     contents: Contents | None = None,
-    shard_size: str = "5GB",
+    shard_size: str | int = "5GB",
     zstd: bool | None = None,
 ) -> BuildResult:
     """Package the job's final model (or ``checkpoint``) into the tar file ``out``.
@@ -145,22 +160,31 @@ def build_archive(
         job: The job's store (a tenant bucket's job prefix, or a local job folder).
         out: The tar file to write (``.tar.zst``: zstd-compressed).
         registry: The model registry.
-        settings: Engine settings (model store, the platform key that signed the job's files).
+        settings: Engine settings (model store, the platform key: it signed the job's files and
+            signs the archive's manifest).
         checkpoint: A checkpoint's name (default: the final model).
         contents: Weights to include (default: the recipe's).
-        shard_size: Largest safetensors shard of the merged model.
+        shard_size: Largest safetensors shard of the merged model (bytes, or a size such as ``5GB``).
         zstd: Compress (default: from the file name).
 
     Raises:
         ArchiveError: the job or checkpoint cannot be archived as asked (with what to do instead).
         ModelStoreError: the base model is not in the model store.
+        SigningError: the platform key (which signs the manifest) is missing or unusable.
     """
+    try:
+        shard_bytes = shard_size if isinstance(shard_size, int) else parse_size(shard_size)
+    except ValueError as exc:
+        raise ArchiveError(f"shard size: {exc}") from None
+    if shard_bytes <= 0:
+        raise ArchiveError(f"shard size: {shard_bytes} is not a positive number of bytes")
+    key = settings.signer()
     top = archive_name(out.name.split(".tar")[0] if ".tar" in out.name else out.stem)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".archive-", dir=out.parent))
     try:
-        src = open_job(job, checkpoint, registry, settings.store_path, settings.signer().public, work / "source")
-        meta = _build(src, out, top, contents, shard_size, zstd, registry, work / top)
+        src = open_job(job, checkpoint, registry, settings.store_path, key.public, work / "source")
+        meta = _build(src, out, top, contents, shard_bytes, zstd, registry, key, work / top)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("archive written to %s", out)
@@ -168,8 +192,8 @@ def build_archive(
 
 
 def _build(
-    src: JobSource, out: Path, top: str, contents: Contents | None, shard_size: str, zstd: bool | None,
-    registry: Registry, staging: Path,
+    src: JobSource, out: Path, top: str, contents: Contents | None, shard_size: int, zstd: bool | None,
+    registry: Registry, key: SigningKey, staging: Path,
 ) -> dict[str, Any]:  # fmt: skip
     merged, adapter = _parts(src, contents)
     staging.mkdir(parents=True)
@@ -179,12 +203,15 @@ def _build(
     if adapter:
         write_adapter(model, tokenizer, src, staging / ADAPTER_DIR)
     weights_dtype = str(dtype).removeprefix("torch.")
-    reference["tolerance"] = {"merged": TOLERANCE.get(weights_dtype, TOLERANCE["bfloat16"]), "adapter": 1e-4}
+    if weights_dtype not in TOLERANCE:
+        raise ArchiveError(f"weights in {weights_dtype}: an archive holds float32, bfloat16 or float16 weights")
+    # for the reader only: verify takes its tolerance from TOLERANCE, never from the manifest
+    reference["tolerance"] = {"merged": TOLERANCE[weights_dtype], "adapter": ADAPTER_TOLERANCE}
     if merged:
         write_merged(model, dtype, tokenizer, src, staging / MERGED_DIR, shard_size)
     del model
     if merged:  # the model as written, loaded back as a tenant would: refuse to ship one that is off
-        diff, allowed = merged_deviation(staging / MERGED_DIR, staging / REFERENCE_FILE, reference)
+        diff, allowed = merged_deviation(staging / MERGED_DIR, staging / REFERENCE_FILE, TOLERANCE[weights_dtype])
         if diff > allowed:
             raise ArchiveError(
                 f"the merged model's logits differ from the engine's by {diff:.3g} (allowed {allowed:.3g}); "
@@ -216,6 +243,7 @@ def _build(
     loss_curve_png(src.events, staging / "loss_curve.png", f"{top}: loss by step", mark_step=mark)
     (staging / CARD).write_text(model_card(src, meta), encoding="utf-8")
     meta["files"] = folder_manifest(staging, exclude={MANIFEST})
+    meta = sign_document(_finite(meta), key)
     _write_json(staging / MANIFEST, meta)
     stamp = int(src.events[-1].time) if src.events else int(time.time())
     write_tar(staging, top, out, mtime=stamp, zstd=wants_zstd(out) if zstd is None else zstd)

@@ -1,9 +1,10 @@
 """What a model archive holds, by name, and the rules its member names follow.
 
-One tar file (optionally zstd-compressed), every member under one top folder::
+One tar file (optionally zstd-compressed), every member under one top folder, the manifest first::
 
     <name>/manifest.json                     every other file's size and sha256, the format and
-                                             engine versions, the base model's identity and origin
+                                             engine versions, the base model's identity and origin;
+                                             signed with the platform key
     <name>/README.md                         the model card
     <name>/recipe.json                       the resolved recipe
     <name>/metrics.jsonl                     the training metrics, as logged
@@ -35,7 +36,13 @@ PROMPT = [{"role": "user", "content": "Hello! 請用一句話介紹你自己。"
 #: operations (a LoRA merged into the base: ~1e-6). Half-precision weights carry their rounding:
 #: a LoRA merged into a bf16 base and cast back to bf16 measured 1.4e-2 (16 layers) and 1.9e-2
 #: (32 layers, width 2048) with random weights; fp16 rounds 8 times finer.
+#: The verifier's own: a manifest's stated tolerance is informational and never read back.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+#: The adapter is applied unmerged in fp32 on the base model, as the engine ran it.
+ADAPTER_TOLERANCE = 1e-4
+
+#: Longest member name, and longest part of one (file systems refuse names over 255 bytes).
+MAX_NAME, MAX_PART = 1024, 255
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9._@+=-][A-Za-z0-9 ._@+=-]*$")
 
@@ -48,6 +55,8 @@ def member_problem(name: str) -> str | None:
     """
     if not name:
         return "empty member name"
+    if len(name) > MAX_NAME or any(len(part) > MAX_PART for part in name.split("/")):
+        return f"member name longer than {MAX_NAME} characters, or with a part longer than {MAX_PART}"
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return "absolute member name"
     if "\\" in name:
@@ -64,3 +73,21 @@ def archive_name(stem: str) -> str:
     """A plain top-folder name from a file stem or job name."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-") or "model"
     return name[:100]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``5GB``, ``200MB``, ``512MiB`` or ``1000000``.
+
+    Raises:
+        ValueError: ``text`` is not a positive size.
+    """
+    match = _SIZE.match(text)
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]) if match else 0
+    if size <= 0:
+        raise ValueError(f"{text!r} is not a size: write it as 5GB, 200MB, 512MiB or a number of bytes")
+    return size

@@ -79,7 +79,7 @@ def write_adapter(model: Any, tokenizer: Any, src: JobSource, dest: Path) -> Non
     _generation_config(model.get_base_model(), tokenizer, src.eot).save_pretrained(str(dest))
 
 
-def write_merged(model: Any, dtype: torch.dtype, tokenizer: Any, src: JobSource, dest: Path, shard_size: str) -> None:
+def write_merged(model: Any, dtype: torch.dtype, tokenizer: Any, src: JobSource, dest: Path, shard_size: int) -> None:
     """The complete model in ``dtype``, sharded; for LoRA the adapter is merged (fp32) first. Consumes ``model``."""
     if src.is_lora:
         with quiet_peft():
@@ -97,10 +97,10 @@ def allowed_difference(ref: torch.Tensor, tolerance: float) -> float:
     return tolerance * max(1.0, float(ref.abs().max()))
 
 
-def merged_deviation(folder: Path, reference_file: Path, reference: dict[str, Any]) -> tuple[float, float]:
+def merged_deviation(folder: Path, reference_file: Path, tolerance: float) -> tuple[float, float]:
     """Largest logit difference of the written model (loaded in fp32, as verify does) from the reference.
 
-    Returns the difference and what the merged tolerance allows.
+    Returns the difference and what ``tolerance`` allows.
     """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -111,4 +111,4 @@ def merged_deviation(folder: Path, reference_file: Path, reference: dict[str, An
     model = AutoModelForCausalLM.from_pretrained(str(folder), **LOAD_KWARGS, dtype=torch.float32, use_safetensors=True)
     ref = tensors["logits"]
     diff = float((logits_of(model.eval(), tensors["input_ids"].tolist()) - ref).abs().max())
-    return diff, allowed_difference(ref, reference["tolerance"]["merged"])
+    return diff, allowed_difference(ref, tolerance)

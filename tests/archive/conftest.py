@@ -16,6 +16,7 @@ import torch
 
 from finetune.registry import Registry
 from finetune.settings import get_settings
+from finetune.signing import SigningKey
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +55,13 @@ class Jobs:
     @property
     def store(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def key(self) -> SigningKey:
+        """The platform key the jobs (and their archives) are signed with."""
+        from finetune.settings import Settings
+
+        return Settings(data_dir=self.data_dir).signer()
 
     def build(self, job: Path, out: Path, *, store: Path | None = None, **options: Any) -> Any:
         """``build_archive`` of a local job folder, with the jobs' settings (model store, platform key)."""

@@ -17,6 +17,7 @@ from finetune.archive.card import usage
 from finetune.archive.weights import logits_of, prompt_ids
 from finetune.cli import main
 from finetune.events import EndEvent, JobSummary, ResumeEvent, StartEvent, StepEvent
+from finetune.signing import SigningKey, signature_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def _extract(archive: Path, dest: Path) -> Path:
 def test_lora_archive_holds_merged_model_and_adapter_that_verify(jobs, data_dir, tmp_path):
     out = tmp_path / "lora.tar"
     result = jobs.build(jobs.lora, out)
-    report = verify_archive(out)
+    report = verify_archive(out, key=jobs.key.public)
     assert report.ok, report.problems
     assert any(c.startswith("model/: logits equal") for c in report.checks)
     assert any(c.startswith("adapter/: logits equal") for c in report.checks)
@@ -39,6 +40,7 @@ def test_lora_archive_holds_merged_model_and_adapter_that_verify(jobs, data_dir,
     top = _extract(out, tmp_path / "x")
     manifest = json.loads((top / "manifest.json").read_text())
     assert manifest["format"] == "finetune-model-archive" and manifest["format_version"] == 1
+    assert signature_problem(manifest, jobs.key.public) is None and manifest == result.manifest
     assert manifest["contents"] == {"merged": "model", "adapter": "adapter"} == result.manifest["contents"]
     base = manifest["base_model"]
     assert base["id"] == "smollm2-135m-instruct" and base["revision"] == "tiny-random"
@@ -87,7 +89,7 @@ def test_full_job_checkpoint_archive_is_sharded_and_zstd(jobs, data_dir, tmp_pat
     jobs.build(jobs.full, out, checkpoint="step-000000002",
                   shard_size="200KB")  # fmt: skip
     assert out.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
-    report = verify_archive(out)
+    report = verify_archive(out, key=jobs.key.public)
     assert report.ok, report.problems
     import zstandard
 
@@ -95,7 +97,7 @@ def test_full_job_checkpoint_archive_is_sharded_and_zstd(jobs, data_dir, tmp_pat
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             names = [m.name for m in tar]
     top = names[0]
-    assert all(n == top or n.startswith(f"{top}/") for n in names)
+    assert all(n == top or n.startswith(f"{top}/") for n in names) and names[1] == f"{top}/manifest.json"
     shards = [n for n in names if n.startswith(f"{top}/model/model-") and n.endswith(".safetensors")]
     assert len(shards) > 1 and f"{top}/model/model.safetensors.index.json" in names
     assert f"{top}/adapter" not in names
@@ -132,7 +134,7 @@ def test_zero3_checkpoint_of_the_last_step_is_the_final_model(zero3_jobs, jobs, 
     logits = []
     for name, checkpoint in (("final.tar", None), ("step4.tar", "step-000000004")):
         jobs.build(job, tmp_path / name, checkpoint=checkpoint)
-        report = verify_archive(tmp_path / name)
+        report = verify_archive(tmp_path / name, key=jobs.key.public)
         assert report.ok, report.problems
         top = _extract_any(tmp_path / name, tmp_path / name.replace(".", "-"))
         logits.append(load_file(top / "verification" / "reference.safetensors")["logits"])
@@ -153,7 +155,7 @@ def test_lora_merged_into_a_bf16_base_is_cast_back_within_the_stated_tolerance(j
     assert result.manifest["weights_dtype"] == "bfloat16"
     assert result.manifest["verification"]["tolerance"]["merged"] == 5e-2
     assert 0 < result.manifest["verification"]["merged_deviation"] < 5e-2
-    report = verify_archive(out)
+    report = verify_archive(out, key=jobs.key.public)
     assert report.ok, report.problems
     [check] = [c for c in report.checks if c.startswith("model/: logits")]
     diff = float(check.split("max |diff| ")[1].split(",")[0])
@@ -249,7 +251,28 @@ def _cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_cli_build_and_verify(jobs, data_dir, tmp_path):
+def _redigested(archive: Path, dest: Path) -> Path:
+    """The tenant's attack: weights zeroed, their digest put in the manifest, the tar packed again."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    top = _extract(archive, dest.parent / "unpacked")
+    weights = top / "model" / "model.safetensors"
+    zeroed = save({k: v * 0 for k, v in load(weights.read_bytes()).items()})
+    weights.write_bytes(zeroed)
+    manifest = json.loads((top / "manifest.json").read_text())
+    manifest["files"]["model/model.safetensors"] = {"size": len(zeroed), "sha256": hashlib.sha256(zeroed).hexdigest()}
+    (top / "manifest.json").write_text(json.dumps(manifest))
+    with tarfile.open(dest, "w") as tar:
+        tar.add(top / "manifest.json", arcname=f"{top.name}/manifest.json")
+        for path in sorted(top.rglob("*")):
+            if path.name != "manifest.json":
+                tar.add(path, arcname=f"{top.name}/{path.relative_to(top).as_posix()}", recursive=False)
+    return dest
+
+
+def test_cli_build_and_verify(jobs, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "cli.tar"
     job = tmp_path / "job"
     shutil.copytree(jobs.full, job)
@@ -264,9 +287,32 @@ def test_cli_build_and_verify(jobs, data_dir, tmp_path):
     assert code == 0 and json.loads(stdout)["ok"] is True
     code, stdout, _ = _cli("archive", "verify", str(out), "--no-load")
     assert code == 0 and "note: models not loaded (--no-load)" in stdout and "logits" not in stdout
+
+    # the published public key verifies it elsewhere; another key does not
+    code, published_key, _ = _cli("archive", "public-key")
+    assert code == 0 and published_key.strip() == jobs.key.public.base64()
+    code, stdout, _ = _cli("archive", "verify", str(out), "--no-load", "--public-key", published_key.strip())
+    assert code == 0 and stdout.strip().endswith(f"OK {out}")
+    other = SigningKey.generate().public.base64()
+    code, stdout, _ = _cli("archive", "verify", str(out), "--no-load", "--public-key", other)
+    assert code == 2 and "manifest.json: signature: signed with another key" in stdout and "FAILED" in stdout
+    code, _, stderr = _cli("archive", "verify", str(out), "--public-key", "not-a-key")
+    assert code == 2 and "--public-key: not an Ed25519 public key" in stderr
+    code, stdout, _ = _cli("archive", "verify", str(_redigested(out, tmp_path / "forged.tar")))
+    assert code == 2 and "manifest.json: the signature does not match its content" in stdout
     broken = tmp_path / "broken.tar"
     broken.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     code, stdout, _ = _cli("archive", "verify", str(broken))
     assert code == 2 and "FAILED" in stdout
     code, _, stderr = _cli("archive", "build", str(tmp_path), "--out", str(tmp_path / "b.tar"))
     assert code == 1 and "not a job folder" in stderr
+    code, _, stderr = _cli("archive", "build", str(job), "--out", str(tmp_path / "b.tar"), "--shard-size", "abc")
+    assert code == 2 and "--shard-size: 'abc' is not a size" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "b.tar").exists()
+
+    # where no platform key is at hand, the signature cannot be checked: a failure, and no key is made
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("FINETUNE_SIGNING_KEY", raising=False)
+    code, stdout, _ = _cli("archive", "verify", str(out))
+    assert code == 2 and "manifest.json: the signature could not be checked" in stdout
+    assert not (tmp_path / "elsewhere").exists()

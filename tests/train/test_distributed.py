@@ -315,7 +315,7 @@ def test_two_worker_zero3_checkpoint_archives_to_the_final_model(
     for name, checkpoint in (("final.tar", None), ("last.tar", f"step-{STEPS:09d}")):
         out = tmp_path / name
         build_archive(run.store, out, registry=registry, settings=workspace.settings, checkpoint=checkpoint)
-        report = verify_archive(out)
+        report = verify_archive(out, key=workspace.key)
         assert report.ok, report.problems
         dest = tmp_path / name.replace(".", "-")
         dest.mkdir()
