@@ -2,7 +2,8 @@
 
 Layout under the prefix (DESIGN.md, "Bucket layout")::
 
-    recipe.json          the resolved recipe the job was started with (its claim on the prefix)
+    recipe.json          the resolved recipe the job was started with
+    claim.json           the digests of the recipe, the dataset and the model's weights it was started with
     data_report.json     the data report of its dataset
     data/                the prepared dataset the workers train on (signed folder)
     events/              the job's typed events, in segments (finetune.events)
@@ -24,6 +25,7 @@ from finetune.settings import Settings
 from finetune.storage import Bucket, BucketRef
 
 RECIPE = "recipe.json"
+CLAIM = "claim.json"
 DATA_REPORT = "data_report.json"
 DATA = "data"
 CHECKPOINTS = "checkpoints"

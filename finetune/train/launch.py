@@ -8,19 +8,24 @@ recipe into the same job store again resumes it; a different recipe or dataset t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
 from finetune.errors import FinetuneError, Issue, RecipeError
 from finetune.events import JobSummary
 from finetune.files import dumps_json
-from finetune.jobstore import DATA_REPORT, RECIPE, JobStore
+from finetune.hashing import file_entry
+from finetune.jobstore import CLAIM, DATA_REPORT, RECIPE, JobStore
 from finetune.prepare import PreparedJob, prepare_job
 from finetune.recipe import Recipe
 from finetune.registry import Registry
 from finetune.settings import Settings
 from finetune.storage import Bucket
+from finetune.train.checkpoint_files import recipe_digest
 from finetune.train.spec import JobSpec
 
 __all__ = ["JobFolderError", "check_environment", "launch", "plan_job", "stage_job"]
@@ -46,36 +51,84 @@ def check_environment(recipe: Recipe, *, cuda: bool, devices: int, what: str = "
         raise RecipeError(issues, f"the recipe cannot run on {what}")
 
 
-def _claim(store: JobStore, recipe: Recipe) -> None:
-    """Write the resolved recipe as the store's claim, or check it is this recipe's (a resume)."""
-    resolved = recipe.model_dump(mode="json")
-    rel = store.path(RECIPE)
-    if store.bucket.exists(rel):
-        try:
-            previous = json.loads(store.bucket.read_bytes(rel))
-        except ValueError:
-            previous = None
-        if previous != resolved:
+def _json_or_none(store: JobStore, rel: str) -> Any:
+    try:
+        return json.loads(store.bucket.read_bytes(rel))
+    except (FileNotFoundError, ValueError, RecursionError):
+        return None
+
+
+def model_weights_digest(folder: Path, pinned: dict[str, Any] | None = None) -> str:
+    """The sha256 over a model folder's weight files (name, size, sha256), from pinned digests when given."""
+    entries = pinned or {p.name: file_entry(p) for p in sorted(folder.glob("*.safetensors"))}
+    lines = [f"{name}\0{dict(e)['size']}\0{dict(e)['sha256']}\n" for name, e in sorted(entries.items())]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _identity(job: PreparedJob, registry: Registry) -> dict[str, Any]:
+    """What the job's store is claimed for: the recipe, the dataset and the model's weights, by digest."""
+    assert job.model.folder is not None
+    entry = registry.get(job.recipe.model.id) if job.recipe.model.id else None
+    pinned = (
+        {n: d.model_dump() for n, d in entry.files.items()}
+        if entry and entry.files and not job.recipe.model.tiny
+        else None
+    )
+    return {
+        "recipe_sha256": recipe_digest(job.recipe.model_dump(mode="json")),
+        "dataset_sha256": job.report.dataset_sha256,
+        "model": {"id": job.recipe.model.id, "weights_sha256": model_weights_digest(job.model.folder, pinned)},
+    }
+
+
+_DIFFERENCES = {
+    "recipe_sha256": "the recipe",
+    "dataset_sha256": "the dataset (its files' names, sizes or contents)",
+    "model": "the model's weights",
+}
+
+
+def _claim(store: JobStore, job: PreparedJob, registry: Registry) -> None:
+    """Claim the store for this recipe, dataset and model; a resume must match all three.
+
+    Raises:
+        JobFolderError: The store holds a job of another recipe, dataset or model (saying which).
+    """
+    resolved, identity = job.recipe.model_dump(mode="json"), _identity(job, registry)
+    previous = _json_or_none(store, store.path(RECIPE))
+    if previous is not None and previous != resolved:
+        raise JobFolderError(
+            f"{store.describe()} holds a job with a different recipe; choose another job folder (--output), "
+            "or remove it to start over"
+        )
+    claimed = _json_or_none(store, store.path(CLAIM))
+    if isinstance(claimed, dict):
+        differ = [what for key, what in _DIFFERENCES.items() if claimed.get(key) != identity[key]]
+        if differ:
             raise JobFolderError(
-                f"{store.describe()} holds a job with a different recipe; choose another job folder (--output), "
-                "or remove it to start over"
+                f"{store.describe()} holds a job started on other input: {' and '.join(differ)} differ(s) from the "
+                "job's; choose another job folder (--output), or remove it to start over"
             )
         return
-    store.bucket.write_bytes(rel, dumps_json(resolved, sort_keys=False).encode())
+    if previous is None:
+        store.bucket.write_bytes(store.path(RECIPE), dumps_json(resolved, sort_keys=False).encode())
+    store.bucket.write_bytes(store.path(CLAIM), dumps_json(identity).encode())
 
 
-def stage_job(job: PreparedJob, store: JobStore, settings: Settings, *, progress: bool = False) -> JobSpec:
+def stage_job(
+    job: PreparedJob, store: JobStore, settings: Settings, *, registry: Registry, progress: bool = False
+) -> JobSpec:
     """Claim the job's store, publish its data report and prepared data; the spec for the workers.
 
     Raises:
-        JobFolderError: The store holds a job with another recipe.
+        JobFolderError: The store holds a job with another recipe, dataset or model.
         JobDataError: The store holds a job started on other data.
     """
     from finetune.train.data import publish_prepared
 
     if job.model.folder is None:
         raise FinetuneError("a job can only be staged with its real model in the store")
-    _claim(store, job.recipe)
+    _claim(store, job, registry)
     store.bucket.write_bytes(store.path(DATA_REPORT), dumps_json(job.report.as_dict(), sort_keys=False).encode())
     publish_prepared(job, store, settings.signer())
     return JobSpec(
@@ -122,7 +175,7 @@ def plan_job(
     cuda = torch.cuda.is_available()
     check_environment(recipe, cuda=cuda, devices=torch.cuda.device_count() if cuda else 0)
     job = prepare_job(recipe, bucket, settings, registry=registry)
-    return stage_job(job, store, settings, progress=progress), job
+    return stage_job(job, store, settings, registry=registry, progress=progress), job
 
 
 def launch(spec: JobSpec, launcher: str, settings: Settings) -> JobSummary:

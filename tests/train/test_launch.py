@@ -91,11 +91,18 @@ def test_a_job_folder_keeps_its_recipe_and_its_data(tmp_path, settings, registry
     changed = recipe_file(tmp_path, "changed.yaml", training={"epochs": 3})
     with pytest.raises(JobFolderError, match="holds a job with a different recipe"):
         plan(changed, settings, registry, output=tmp_path / "job")
-    with (tmp_path / "data" / "quickstart.jsonl").open("a") as fh:
-        fh.write(
-            json.dumps({"messages": [{"role": "user", "content": "新的"}, {"role": "assistant", "content": "資料"}]})
-        )
-    with pytest.raises(JobDataError, match="started on other data"):
+    claim = json.loads((tmp_path / "job" / "claim.json").read_text())
+    assert set(claim) == {"recipe_sha256", "dataset_sha256", "model"}
+    dataset = tmp_path / "data" / "quickstart.jsonl"
+    original = dataset.read_bytes()
+    with dataset.open("a") as fh:
+        fh.write(json.dumps({"messages": [{"role": "user", "content": "新"}, {"role": "assistant", "content": "的"}]}))
+    with pytest.raises(JobFolderError, match=r"started on other input: the dataset .* differ"):
+        plan(path, settings, registry, output=tmp_path / "job")
+    dataset.write_bytes(original)
+    weights = next(job.model.folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the same model id, other weights
+    with pytest.raises(JobFolderError, match="the model's weights differ"):
         plan(path, settings, registry, output=tmp_path / "job")
 
 
