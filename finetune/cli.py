@@ -51,7 +51,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     registry = _registry(settings)
     results = []
     for path in args.files:
-        recipe, issues = validate_file(Path(path), registry)
+        recipe, issues = validate_file(Path(path), registry, settings.recipe_limits)
         results.append({"file": path, "valid": recipe is not None, "issues": [i.as_dict() for i in issues]})
         if not args.json:
             if recipe is not None:
@@ -167,13 +167,13 @@ def _data_report_path(settings: Settings, recipe_name: str) -> Path:
     return settings.data_dir / "reports" / _folder_name(recipe_name) / "data_report.json"
 
 
-def _recipe(args: argparse.Namespace, registry: Registry) -> tuple[Any, Any]:
+def _recipe(args: argparse.Namespace, registry: Registry, settings: Settings) -> tuple[Any, Any]:
     """The recipe of ``args.recipe`` and the folder acting as the tenant's bucket (``--bucket``)."""
     from finetune.storage import Bucket
     from finetune.validate import load_recipe
 
     recipe_path = Path(args.recipe)
-    recipe = load_recipe(recipe_path, registry)
+    recipe = load_recipe(recipe_path, registry, settings.recipe_limits)
     return recipe, Bucket.folder(Path(args.bucket) if args.bucket else recipe_path.parent)
 
 
@@ -182,7 +182,7 @@ def cmd_data_inspect(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.prepare import prepare_job
 
     registry = _registry(settings)
-    recipe, bucket = _recipe(args, registry)
+    recipe, bucket = _recipe(args, registry, settings)
     report_path = _data_report_path(settings, recipe.name or Path(args.recipe).stem)
     try:
         job = prepare_job(
@@ -204,7 +204,7 @@ def cmd_estimate(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.estimate import estimate_recipe
 
     registry = _registry(settings)
-    recipe, bucket = _recipe(args, registry)
+    recipe, bucket = _recipe(args, registry, settings)
     estimate = estimate_recipe(
         recipe,
         bucket,
@@ -232,7 +232,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.train.launch import launch, plan_job
 
     registry = _registry(settings)
-    recipe, bucket = _recipe(args, registry)
+    recipe, bucket = _recipe(args, registry, settings)
     name = _folder_name(recipe.name or Path(args.recipe).stem)
     store = JobStore.folder(Path(args.output) if args.output else settings.data_dir / "jobs" / name)
     spec, job = plan_job(recipe, bucket, store, settings, registry=registry, workers=args.workers, progress=True)

@@ -88,7 +88,7 @@ def prepare_job(
     with tempfile.TemporaryDirectory(prefix="dataset-", dir=settings.scratch_path) as scratch:  # remote buckets
         data = prepare(
             recipe, bucket, model.tokenizer, model_dir=model.folder, eot=model.eot, cache_dir=cache,
-            scratch=Path(scratch), workers=workers,
+            scratch=Path(scratch), workers=workers, limits=settings.data_limits,
         )  # fmt: skip
     packed = recipe.data.packing
     train_rows, eval_rows = as_rows(data.train, packed), as_rows(data.eval, packed)

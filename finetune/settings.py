@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from finetune.data.limits import DataLimits
+from finetune.limits import Limits
+
 if TYPE_CHECKING:
     from finetune.signing import SigningKey
 
@@ -31,7 +34,9 @@ def default_results_path() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FINETUNE_", extra="ignore", populate_by_name=True, env_nested_delimiter="__"
+    )
 
     data_dir: Path = Field(default=Path("finetune-data"), description="Root of everything the engine writes.")
     model_store: Path | None = Field(default=None, description="Offline model store; default <data_dir>/models.")
@@ -65,6 +70,16 @@ class Settings(BaseSettings):
         description="Address of an existing Ray cluster; default: a private local one.",
     )
     ray_max_failures: int = Field(default=2, ge=0, description="Worker-group restarts Ray Train may make in one job.")
+    recipe_limits: Limits = Field(
+        default_factory=Limits,
+        description="Bounds on a recipe (file size, nesting, aliases, integer digits, errors listed); "
+        "e.g. FINETUNE_RECIPE_LIMITS__MAX_DEPTH.",
+    )
+    data_limits: DataLimits = Field(
+        default_factory=DataLimits,
+        description="Bounds on reading a dataset (bytes per row, inflation, JSON depth, .json size); "
+        "e.g. FINETUNE_DATA_LIMITS__ROW_BYTES.",
+    )
     events_flush_seconds: float = Field(
         default=10.0, gt=0, description="Longest wait before a job's step events are published to its bucket."
     )

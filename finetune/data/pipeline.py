@@ -19,6 +19,7 @@ from typing import Any
 
 from finetune.data.cache import cache_key, files_digest, load_entry, save_entry, tokenizer_digest
 from finetune.data.formats import DETECT_ROWS, detect_format, to_sample
+from finetune.data.limits import DEFAULT_DATA_LIMITS, DataLimits
 from finetune.data.packing import pack, packing_efficiency
 from finetune.data.readers import read_rows
 from finetune.data.report import DataReport, length_histogram, length_stats
@@ -110,12 +111,12 @@ def read_samples(
 
 
 def _read(
-    path: Path, display: str, data: DataSection, report: DataReport
+    path: Path, display: str, data: DataSection, report: DataReport, limits: DataLimits = DEFAULT_DATA_LIMITS
 ) -> tuple[list[Sample], list[RowProblem], list[RowProblem]]:
     """Samples, refused rows and exact duplicates (each located, naming the row it repeats)."""
     rows: list[Row] = []
     problems: list[RowProblem] = []
-    for item in read_rows(path, display):
+    for item in read_rows(path, display, limits=limits):
         (rows if isinstance(item, Row) else problems).append(item)  # type: ignore[arg-type]
     report.rows_read += len(rows) + len(problems)
     fmt = data.format
@@ -279,8 +280,11 @@ def prepare(
     cache_dir: Path | None = None,
     scratch: Path | None = None,
     workers: int = 1,
+    limits: DataLimits = DEFAULT_DATA_LIMITS,
 ) -> PreparedData:
     """Prepare the recipe's dataset for training, from the cache when nothing changed.
+
+    ``limits`` bound what reading the tenant's files may cost (bytes per row, inflation, depth).
 
     Raises:
         DataError: the dataset is missing, no format fits, too many rows are bad, or a sample is
@@ -302,7 +306,7 @@ def prepare(
             report = DataReport.from_dict(report_data)
             report.cache_hit, report.dataset_sha256 = True, digest
             return PreparedData(splits.get("train", []), splits.get("eval", []), report)
-    prepared = _prepare_uncached(recipe, path, files, eval_path, tokenizer, eot, workers)
+    prepared = _prepare_uncached(recipe, path, files, eval_path, tokenizer, eot, workers, limits)
     prepared.report.cache_key, prepared.report.dataset_sha256 = key, digest
     if key and cache_dir is not None:
         save_entry(cache_dir / key, {"train": prepared.train, "eval": prepared.eval}, prepared.report.as_dict())
@@ -317,14 +321,15 @@ def _prepare_uncached(
     tokenizer: Any,
     eot: str | None,
     workers: int,
+    limits: DataLimits = DEFAULT_DATA_LIMITS,
 ) -> PreparedData:
     data = recipe.data
     report = DataReport(dataset=data.path, files=[n for n, _ in files], bad_row_policy=_policy_text(data))
     report.truncation, report.max_seq_len, report.packing = data.truncation, data.max_seq_len, data.packing
     report.duplicates_policy = data.duplicates
-    samples, problems, duplicates = _read(path, data.path, data, report)
+    samples, problems, duplicates = _read(path, data.path, data, report, limits)
     if eval_path is not None and data.eval.path:
-        held, eval_problems, eval_duplicates = _read(eval_path, data.eval.path, data, report)
+        held, eval_problems, eval_duplicates = _read(eval_path, data.eval.path, data, report, limits)
         train, problems, duplicates = samples, problems + eval_problems, duplicates + eval_duplicates
         report.eval_source = f"file {data.eval.path}"
     else:

@@ -141,3 +141,21 @@ def test_a_failing_job_records_a_typed_failure_saying_whose_move_it_is(tmp_path,
     assert failure.kind == "failure" and failure.seq == 1
     assert failure.error.type == "JobDataError" and failure.error.fault == "tenant"
     assert "prepared data" in failure.error.message
+
+
+def test_the_limits_on_tenant_input_are_settings(tmp_path, registry, monkeypatch):
+    """Operators bound what reading a tenant's recipe and dataset may cost, without a code change."""
+    from finetune.data.pipeline import DataError
+
+    monkeypatch.setenv("FINETUNE_DATA_LIMITS__ROW_BYTES", "200")
+    monkeypatch.setenv("FINETUNE_RECIPE_LIMITS__MAX_DEPTH", "2")
+    settings = Settings(data_dir=tmp_path / "data")
+    assert settings.data_limits.row_bytes == 200 and settings.recipe_limits.max_depth == 2
+    assert Settings(**settings.for_workers()).data_limits.row_bytes == 200  # the workers get them too
+    path = recipe_file(tmp_path)
+    with pytest.raises(RecipeError, match="nested"):
+        load_recipe(path, registry, settings.recipe_limits)
+    recipe = load_recipe(path, registry)
+    with pytest.raises(DataError) as refused:
+        prepare_job(recipe, Bucket.folder(tmp_path), settings, registry=registry)
+    assert any("more than the 200 bytes allowed per row" in i.message for i in refused.value.issues)
