@@ -129,6 +129,25 @@ def cmd_models_check(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_INVALID if report.status == "denied" else EXIT_OK
 
 
+def cmd_models_review(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
+    from finetune.modelstore import check_folder
+    from finetune.reviews import ReviewStatus, record_review, reviews_dir
+
+    report = check_folder(Path(args.dir), args.developer, args.country, _registry(settings))
+    status = ReviewStatus.APPROVED if args.approve else ReviewStatus.DENIED
+    record = record_review(
+        reviews_dir(settings.data_dir), report, status=status, reviewer=args.reviewer or getpass.getuser(),
+        reason=args.reason,
+    )  # fmt: skip
+    if args.json:
+        _print_json(record.model_dump(mode="json"))
+    else:
+        _out(f"{args.dir}: {record.status} by {record.reviewer} ({record.digest[:16]}, {len(record.files)} files)")
+    return EXIT_OK
+
+
 def cmd_models_import(args: argparse.Namespace, settings: Settings) -> int:
     from finetune.modelstore import import_snapshot
 
@@ -367,6 +386,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--country", required=True, help="declared developer country (ISO code, e.g. TW)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_check)
+    p = msub.add_parser("review", help="record an operator's origin review of an uploaded model folder")
+    p.add_argument("dir")
+    p.add_argument("--developer", required=True, help="the developer entity the review found")
+    p.add_argument("--country", required=True, help="that developer's country (ISO code, e.g. TW)")
+    decision = p.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--approve", action="store_true", help="these exact files may be trained")
+    decision.add_argument("--deny", action="store_true", help="these exact files may not be trained")
+    p.add_argument("--reason", required=True, help="why, for the record")
+    p.add_argument("--reviewer", help="who decided (default: the current user)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models_review)
     p = msub.add_parser("import", help="verify a snapshot folder and copy it into the model store")
     p.add_argument("snapshot", metavar="SNAPSHOT_DIR")
     p.add_argument("--id", required=True, help="registry id")

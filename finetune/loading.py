@@ -48,20 +48,43 @@ def ensure_tiny(registry: Registry, model_id: str, store: Path) -> Path:
     return resolve_model(registry, model_id, store, tiny=True)
 
 
-def model_folder(recipe: Recipe, registry: Registry, store: Path, bucket: Bucket | None = None) -> Path:
+def model_folder(
+    recipe: Recipe, registry: Registry, store: Path, bucket: Bucket | None = None, *, reviews: Path | None = None
+) -> Path:
     """The local folder of the recipe's model.
 
+    A custom model is checked as ``finetune models check`` checks a folder (no pickle, no custom
+    code, no links, plain files only, sound safetensors headers), then needs an approved origin
+    review of exactly its files (:mod:`finetune.reviews`): the recipe's declaration alone never
+    lets it train.
+
+    Args:
+        reviews: The review store (``finetune.reviews.reviews_dir``); without one a custom model
+            is refused (fail closed).
+
     Raises:
-        ModelStoreError: the model is not in the store (with the command that puts it there), or
-            a custom model is not where the recipe says in the bucket.
+        ModelStoreError: the model is not in the store (with the command that puts it there), a
+            custom model is not where the recipe says in the bucket, or it has no approved review
+            of exactly its files (``ReviewError``, with the command that records one).
+        ModelCheckError: a custom model's folder holds unsafe files.
     """
     if recipe.model.custom is not None:
-        rel = recipe.model.custom.path
+        from finetune.reviews import require_approval
+
+        custom = recipe.model.custom
+        rel = custom.path  # normalised by the recipe
         if bucket is None or not bucket.local:
             raise ModelStoreError("custom models are read from a local bucket; copy the model folder there first")
-        if not bucket.exists(f"{rel}/config.json"):
+        folder = bucket.local_path(rel)
+        parts = rel.split("/")
+        if any(Path(bucket.root).joinpath(*parts[:n]).is_symlink() for n in range(1, len(parts) + 1)):
+            raise ModelStoreError(f"'{rel}' goes through a link in your bucket; upload the model folder itself")
+        if not (folder / "config.json").is_file():
             raise ModelStoreError(f"no model folder at '{rel}' in your bucket (config.json not found)")
-        return bucket.local_path(rel)
+        if reviews is None:
+            raise ModelStoreError("custom models are checked against the origin reviews; none were given here")
+        require_approval(folder, custom.developer, custom.country, registry, reviews, shown_as=rel)
+        return folder
     if recipe.model.id is None:
         raise ModelStoreError("the recipe names no model")
     if recipe.model.tiny:
@@ -91,7 +114,13 @@ class ModelSource:
 
 
 def model_source(
-    recipe: Recipe, registry: Registry, store: Path, bucket: Bucket | None, *, stand_in: bool = False
+    recipe: Recipe,
+    registry: Registry,
+    store: Path,
+    bucket: Bucket | None,
+    *,
+    stand_in: bool = False,
+    reviews: Path | None = None,
 ) -> ModelSource:
     """The recipe's model config and tokenizer (a stand-in only when asked: see the module docstring).
 
@@ -105,7 +134,7 @@ def model_source(
     eot = entry.eot if entry is not None else None
     size = "tiny" if recipe.model.tiny else "full"
     try:
-        folder = model_folder(recipe, registry, store, bucket)
+        folder = model_folder(recipe, registry, store, bucket, reviews=reviews)
     except ModelStoreError:
         if not stand_in or entry is None or entry.chat is None or entry.architecture is None or recipe.model.tiny:
             raise

@@ -6,94 +6,223 @@ random-weight variant of an entry lives at ``<store>/<model-id>/tiny-random/``.
 
 Nothing is ever downloaded: models arrive as snapshot folders copied onto the machine and go
 through :func:`import_snapshot`. Folders with pickle weights or custom code are refused outright,
-since loading either can run arbitrary code (DESIGN.md, invariant 3).
+since loading either can run arbitrary code (DESIGN.md, invariant 3); so are links, special files
+and safetensors files whose header is not sound, since a hostile upload uses them to read or hang
+on what it should not.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 from finetune.errors import Issue, ModelCheckError, ModelStoreError
-from finetune.hashing import sha256_file
 from finetune.origin import OriginFacts, Verdict, judge
 from finetune.registry import FileDigest, ModelEntry, Registry, Status, is_commit, read_lock
+from finetune.safetensors_header import read_header
 
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
 CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".so", ".dylib", ".dll", ".sh"})
-CONFIG_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 IDENTITY_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "vocab_size",
 )  # fmt: skip
 TINY_REVISION = "tiny-random"
+_CHUNK = 8 * 1024 * 1024
+#: Config files are small; a bigger one is refused rather than parsed.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+_LINK_REFUSED = "a link is refused: model folders hold plain files only (a link can reach files outside the folder)"
 
 
-def _iter_files(root: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / name for name in sorted(filenames) if name != ".gitattributes"]
-    return files
+@dataclass(frozen=True)
+class _Found:
+    """A file accepted by the scan: its digest, and where its bytes are read (itself or its cache blob)."""
+
+    digest: FileDigest
+    source: Path
 
 
-def scan_folder(root: Path) -> tuple[dict[str, FileDigest], list[Issue]]:
-    """Hash every file under ``root`` and list what makes the folder unsafe or unusable.
+def _open_regular(path: Path | str, dir_fd: int | None = None) -> tuple[BinaryIO, int]:
+    """Open a regular file without following a final link; its size from the open file.
 
-    Symbolic links are followed only when they resolve to a file (Hugging Face cache snapshots
-    link into a blob folder); the content is what gets hashed and later copied.
+    Raises:
+        OSError: a link, a missing file, or anything but a regular file (``EINVAL``).
     """
+    fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _digest(fh: BinaryIO, size: int, rel: str) -> tuple[FileDigest | None, list[Issue]]:
+    """The digest of an open file; a ``.safetensors`` file's header is checked first."""
+    if rel.lower().endswith(".safetensors"):
+        _, problems = read_header(fh, size, rel)
+        if problems:
+            return None, problems
+        fh.seek(0)
+    digest = hashlib.sha256()
+    read = 0
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+        read += len(chunk)
+    return FileDigest(sha256=digest.hexdigest(), size=read), []
+
+
+def _cache_blobs(root: Path) -> Path | None:
+    """The blob folder when ``root`` is a Hugging Face cache snapshot (``<repo>/snapshots/<rev>``)."""
+    real = root.resolve()
+    blobs = real.parent.parent / "blobs"
+    return blobs if real.parent.name == "snapshots" and blobs.is_dir() else None
+
+
+def _name_issue(rel: str) -> Issue | None:
+    suffix = PurePosixPath(rel).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return Issue(
+            "",
+            "pickle weights are refused: loading them can run code",
+            file=rel,
+            hint="convert the weights to .safetensors",
+        )
+    if suffix in CODE_SUFFIXES:
+        return Issue("", "custom code is refused: models must load with stock transformers", file=rel)
+    return None
+
+
+def _scan_file(dirpath: str, name: str, dir_fd: int, rel: str, blobs: Path | None) -> tuple[_Found | None, list[Issue]]:
+    """Digest one directory entry, read as a plain file (or as the cache blob its link names)."""
+    source = Path(dirpath) / name
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            if blobs is None:
+                return None, [Issue("", _LINK_REFUSED, file=rel)]
+            target = Path(os.path.realpath(source))
+            if not target.is_relative_to(blobs):
+                return None, [Issue("", f"links outside the cache's blob folder {blobs} (to {target})", file=rel)]
+            source = target
+            fh, size = _open_regular(target)
+        elif not stat.S_ISREG(mode):
+            return None, [Issue("", "not a regular file (a device, pipe or socket)", file=rel)]
+        else:
+            fh, size = _open_regular(name, dir_fd)
+    except OSError as exc:
+        return None, [Issue("", f"cannot be read as a plain file: {exc.strerror or exc}", file=rel)]
+    with fh:
+        digest, issues = _digest(fh, size, rel)
+    return (None if digest is None else _Found(digest, source)), issues
+
+
+def _scan(root: Path, *, cache_links: bool) -> tuple[dict[str, _Found], list[Issue]]:
     if not root.is_dir():
         raise ModelStoreError(f"{root} is not a folder")
+    blobs = _cache_blobs(root) if cache_links else None
     issues: list[Issue] = []
-    digests: dict[str, FileDigest] = {}
-    for path in _iter_files(root):
-        rel = path.relative_to(root).as_posix()
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            issues.append(
-                Issue(
-                    "",
-                    "pickle weights are refused: loading them can run code",
-                    file=rel,
-                    hint="convert the weights to .safetensors",
-                )
-            )
+    found: dict[str, _Found] = {}
+    # fwalk opens each folder relative to its parent's descriptor without following links, so a
+    # folder swapped for a link during the scan cannot lead it elsewhere.
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
+        base = Path(dirpath).relative_to(root)
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            try:
+                is_link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+            except OSError as exc:
+                issues.append(Issue("", f"cannot be read: {exc.strerror or exc}", file=(base / name).as_posix()))
+                continue
+            if is_link:
+                issues.append(Issue("", _LINK_REFUSED, file=(base / name).as_posix()))
+            else:
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            rel = (base / name).as_posix()
+            if name == ".gitattributes":
+                continue
+            problem = _name_issue(rel)
+            if problem is not None:
+                issues.append(problem)
+                continue
+            entry, problems = _scan_file(dirpath, name, dir_fd, rel, blobs)
+            issues += problems
+            if entry is not None:
+                found[rel] = entry
+    return found, issues
+
+
+def _checked(root: Path, *, cache_links: bool) -> tuple[dict[str, _Found], list[Issue], dict[str, Any]]:
+    """:func:`scan_folder`'s work, with where each file is read and the parsed ``config.json``."""
+    found, issues = _scan(root, cache_links=cache_links)
+    config: dict[str, Any] = {}
+    for rel in sorted(found):
+        if not rel.endswith("config.json"):
             continue
-        if suffix in CODE_SUFFIXES:
-            issues.append(Issue("", "custom code is refused: models must load with stock transformers", file=rel))
-            continue
-        if not path.resolve().is_file():
-            issues.append(Issue("", "broken link", file=rel))
-            continue
-        digests[rel] = FileDigest(sha256=sha256_file(path), size=path.stat().st_size)
-    for name in CONFIG_FILES:
-        if name in digests and "auto_map" in _read_json(root / name, issues, name):
-            issues.append(Issue("auto_map", "custom code is refused: the config asks for remote code", file=name))
-    if "config.json" not in digests:
+        data = _read_json(found[rel].source, issues, rel)
+        if "auto_map" in data:
+            issues.append(Issue("auto_map", "custom code is refused: the config asks for remote code", file=rel))
+        if rel == "config.json":
+            config = data
+    seen = set(found) | {i.file for i in issues if i.file}  # a refused file is not also reported missing
+    if "config.json" not in seen:
         issues.append(Issue("", "no config.json: not a Hugging Face model folder", file=str(root)))
-    if not any(name.endswith(".safetensors") for name in digests):
+    if not any(name.endswith(".safetensors") for name in seen):
         issues.append(Issue("", "no .safetensors weights found", file=str(root)))
-    return digests, issues
+    return found, issues, config
+
+
+def scan_folder(root: Path, *, cache_links: bool = False) -> tuple[dict[str, FileDigest], list[Issue]]:
+    """Hash every file under ``root`` and list what makes the folder unsafe or unusable.
+
+    Only regular files are read: links, pipes and devices are refused by name, as are pickle
+    weights, code files, a config asking for remote code (``auto_map`` in any ``*config.json``)
+    and a safetensors file whose header is not sound. With ``cache_links``, a folder laid out as a
+    Hugging Face cache snapshot (``<repo>/snapshots/<rev>/``) may link its files into
+    ``<repo>/blobs/``, and nowhere else.
+
+    Raises:
+        ModelStoreError: ``root`` is not a folder.
+    """
+    found, issues, _ = _checked(root, cache_links=cache_links)
+    return {rel: f.digest for rel, f in found.items()}, issues
 
 
 def _read_json(path: Path, issues: list[Issue], rel: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        issues.append(Issue("", f"unreadable JSON: {exc}", file=rel))
+        fh, size = _open_regular(path)
+        with fh:
+            if size > MAX_CONFIG_BYTES:
+                issues.append(Issue("", f"{size} bytes: more than the {MAX_CONFIG_BYTES} a config may have", file=rel))
+                return {}
+            data = json.loads(fh.read(MAX_CONFIG_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        issues.append(Issue("", f"unreadable JSON: {str(exc)[:200]}", file=rel))
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def read_config(root: Path) -> dict[str, Any]:
+    """The ``config.json`` of a model folder ({} when it is missing, unreadable or a link)."""
     issues: list[Issue] = []
     return _read_json(root / "config.json", issues, "config.json")
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy one plain file (never through a final link); the copy is verified by the caller."""
+    fh, _ = _open_regular(src)
+    with fh, open(dst, "xb") as out:
+        shutil.copyfileobj(fh, out, _CHUNK)
 
 
 # ------------------------------------------------------------------------------- custom models
@@ -145,18 +274,26 @@ def _architecture_notes(config: dict[str, Any], registry: Registry) -> list[str]
     return notes
 
 
-def check_folder(root: Path, developer: str, country: str, registry: Registry) -> CheckReport:
+def check_folder(
+    root: Path, developer: str, country: str, registry: Registry, *, cache_links: bool = True
+) -> CheckReport:
     """Review an uploaded model: refuse unsafe folders, deny known denied checkpoints.
 
-    Returns a pending-review record (or a denied one) for an operator to decide on.
+    Args:
+        cache_links: Accept a Hugging Face cache snapshot's links into its own blob folder (see
+            :func:`scan_folder`). Tenants' folders are checked without: any link is refused.
+
+    Returns:
+        A pending-review record (or a denied one) for an operator to decide on.
 
     Raises:
-        ModelCheckError: the folder has pickle weights, custom code, or is not a model folder.
+        ModelCheckError: the folder holds pickle weights, custom code, a link, a special file or a
+            bad safetensors header, or is not a model folder.
     """
-    files, issues = scan_folder(root)
+    found, issues, config = _checked(root, cache_links=cache_links)
     if issues:
         raise ModelCheckError(issues, f"model folder {root} is refused")
-    config = read_config(root)
+    files = {rel: f.digest for rel, f in found.items()}
     weights = {d.sha256 for name, d in files.items() if name.endswith(".safetensors")}
     denied = sorted({registry.denied_digests[s] for s in weights if s in registry.denied_digests})
     identical = sorted({registry.known_digests[s] for s in weights if s in registry.known_digests} - set(denied))
@@ -240,10 +377,11 @@ def import_snapshot(
             f"'{model_id}' is {entry.status.value}: only approved models are imported ({entry.reason})"
         )
     rev = _pick_revision(src, entry, revision)
-    files, issues = scan_folder(src)
-    issues += _identity_issues(read_config(src), entry) if not issues else []
+    found, issues, config = _checked(src, cache_links=True)
+    issues += _identity_issues(config, entry) if not issues else []
     if issues:
         raise ModelCheckError(issues, f"snapshot {src} is refused for '{model_id}'")
+    files = {rel: f.digest for rel, f in found.items()}
     expected = entry.files
     if expected and expected != files:
         diff = sorted(set(expected) ^ set(files)) or sorted(n for n in files if expected.get(n) != files[n])
@@ -257,11 +395,11 @@ def import_snapshot(
         tmp = dest.parent / f".tmp-{rev}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in files:
+        for name, item in found.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, tmp / name)
-        copied, _ = scan_folder(tmp)
-        if copied != files:
+            _copy(item.source, tmp / name)
+        copied, problems = scan_folder(tmp)
+        if copied != files or problems:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelStoreError(f"copy of '{model_id}' into {dest} did not verify")
         os.replace(tmp, dest)

@@ -80,9 +80,12 @@ def prepare_job(
         ModelStoreError: The model is not in the store (with the command that puts it there).
         DataError: The dataset cannot be used as the recipe says (every problem located).
     """
+    from finetune.reviews import reviews_dir
     from finetune.train.loop import as_rows
 
-    model = model_source(recipe, registry, settings.store_path, bucket, stand_in=stand_in)
+    model = model_source(
+        recipe, registry, settings.store_path, bucket, stand_in=stand_in, reviews=reviews_dir(settings.data_dir)
+    )
     cache = settings.data_cache_path if use_cache and model.folder is not None else None
     settings.scratch_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dataset-", dir=settings.scratch_path) as scratch:  # remote buckets

@@ -24,11 +24,16 @@ LIST_HINT = "`finetune models list` shows the approved models"
 def model_issues(recipe: Recipe, registry: Registry) -> list[Issue]:
     """Is the recipe's model allowed, known, and able to run the recipe's method and length?"""
     if recipe.model.custom is not None:
+        # A declaration can only be refused here: what lets a custom model train is an operator's
+        # approved review of its files, checked when the model is loaded (finetune.reviews).
+        from finetune.origin import entity_is_denied
+
         custom = recipe.model.custom
         verdict = judge(OriginFacts(developer=custom.developer, country=custom.country))
-        if verdict.decision is Decision.DENY:
-            return [Issue("model.custom", "this model is not allowed on this platform: " + "; ".join(verdict.reasons))]
-        return []
+        if verdict.decision is not Decision.DENY:
+            return []
+        where = "model.custom.developer" if entity_is_denied(custom.developer) else "model.custom.country"
+        return [Issue(where, "this model is not allowed on this platform: " + "; ".join(verdict.reasons))]
     model_id = recipe.model.id
     if model_id is None:
         return []

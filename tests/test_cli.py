@@ -155,3 +155,28 @@ def test_json_errors_are_json(monkeypatch):
     with redirect_stdout(out), redirect_stderr(io.StringIO()), pytest.raises(RuntimeError):
         main(["models", "list", "--json"])
     assert json.loads(out.getvalue()) == {"error": "internal error: RuntimeError: a bug", "issues": []}
+
+
+def test_a_custom_model_trains_only_after_an_approved_review(tmp_path):
+    bucket = tmp_path / "bucket"
+    (bucket / "data").mkdir(parents=True)
+    (bucket / "data" / "train.jsonl").write_text((ROOT / "recipes" / "data" / "quickstart.jsonl").read_text())
+    model = bucket / "models" / "mine"
+    assert run("models", "materialize", "smollm2-135m-instruct", "--tiny", "--dest", str(model))[0] == 0
+    recipe = bucket / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump({
+            "model": {"custom": {"path": "models/mine", "developer": "Example Labs", "country": "TW"}},
+            "data": {"path": "data/train.jsonl", "max_seq_len": 128},
+        })
+    )  # fmt: skip
+    code, _, err = run("data", "inspect", str(recipe))
+    assert code != 0 and "finetune models review" in err, err
+    code, out, err = run("models", "review", str(model), "--developer", "Example Labs", "--country", "TW",
+                         "--approve", "--reason", "weights traced to the uploader's own pre-training run")  # fmt: skip
+    assert code == 0 and "approved" in out, err
+    code, out, err = run("data", "inspect", str(recipe))
+    assert code == 0 and "rows" in out, err
+    (model / "config.json").write_text((model / "config.json").read_text().replace("}", ', "auto_map": {}}', 1))
+    code, _, err = run("data", "inspect", str(recipe))
+    assert code != 0, "changed files need a new review"

@@ -175,6 +175,22 @@ def test_import_follows_hub_cache_links(tmp_path):
     assert not (dest / "model.safetensors").is_symlink()
 
 
+def test_only_a_cache_snapshot_may_link_and_only_into_its_blobs(tmp_path):
+    blobs = make_model(tmp_path / "blobs")
+    snap = tmp_path / "snapshots" / REV
+    snap.mkdir(parents=True)
+    for f in blobs.iterdir():
+        (snap / f.name).symlink_to(f)
+    assert scan_folder(snap, cache_links=True)[1] == []
+    refused = [(i.file, i.message.split(":")[0]) for i in scan_folder(snap)[1]]
+    assert refused == [(name, "a link is refused") for name in ("config.json", "model.safetensors", "tokenizer.json")]
+    (snap / "tokenizer.json").unlink()
+    (snap / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    [issue] = scan_folder(snap, cache_links=True)[1]
+    assert issue.file == "tokenizer.json" and issue.message.startswith("links outside the cache's blob folder")
+
+
 def test_missing_model_names_the_command_that_fixes_it(tmp_path):
     with pytest.raises(ModelStoreError, match="has not been imported: run `finetune models import"):
         resolve_model(registry(entry()), "demo-1b", tmp_path)

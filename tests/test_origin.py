@@ -77,3 +77,12 @@ def test_entity_normalisation():
     assert entity_is_denied("BAAI")
     assert not entity_is_denied("Qwenfield Analytics")  # a prefix inside a word does not count
     assert not entity_is_denied("MediaTek Research")
+
+
+def test_normalisation_of_disguises():
+    assert normalise_entity("The Qwen Team") == "qwen team"
+    assert normalise_entity("ＤｅｅｐＳｅｅｋ") == "deep seek"  # fullwidth, then camel case split
+    assert normalise_entity("D\u0435ep\u200bseek") == "deepseek"  # a Cyrillic е and a zero-width space
+    assert normalise_entity("Zhipu AI Co., Ltd.") == normalise_entity("zhipu-ai")
+    assert entity_is_denied("The Qwen Team") and entity_is_denied("Deep Seek")
+    assert not entity_is_denied("Deep Seeker Inc")

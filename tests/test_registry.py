@@ -124,3 +124,26 @@ def test_denied_digests_come_from_weight_files_only(tmp_path):
     lock.write_text(json.dumps({"version": 1, "models": {"bad-7b": {"revision": "e" * 40, "files": files}}}))
     reg = Registry.load(write(tmp_path, body), lock)
     assert reg.denied_digests == {"11" * 32: "bad-7b"}
+
+
+def test_approving_a_disguised_denied_developer_is_a_registry_error(tmp_path):
+    body = GOOD.replace("developer: {entity: Demo Labs, country: TW}", "developer: {entity: 深度求索, country: TW}")
+    assert load_issues(write(tmp_path, body)) == [
+        "models.demo-1b.status: marked approved but the origin policy says deny: "
+        "developed by 深度求索 (DeepSeek), a developer entity of PRC origin"
+    ]
+
+
+def test_the_shipped_registry_and_the_denied_developers_agree():
+    """Every PRC developer the registry records is known to the policy by name (so a tenant who
+    declares it under another country is still denied), and no approved developer is."""
+    from pathlib import Path
+
+    from finetune.origin import entity_is_denied
+
+    reg = Registry.load(Path(__file__).resolve().parents[1] / "model_registry.yaml")
+    prc = {e.developer.entity for e in reg if e.developer.country == "CN"}
+    assert prc and {name for name in prc if not entity_is_denied(name)} == set()
+    approved = {c.entity for e in reg.by_status(Status.APPROVED) for c in e.components}
+    approved |= {e.developer.entity for e in reg.by_status(Status.APPROVED)}
+    assert {name for name in approved if entity_is_denied(name)} == set()
