@@ -1,6 +1,6 @@
 """The ``finetune`` command line: parses arguments, calls the library, prints results.
 
-Exit codes: 0 success, 2 invalid input (every problem printed, located), 1 anything else.
+Exit codes: 0 success, 2 the input is at fault (every problem printed, located), 1 anything else.
 """
 
 from __future__ import annotations
@@ -553,7 +553,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"finetune: {exc}", file=sys.stderr)
         if getattr(args, "json", False):
             _print_json(_error_json(exc))
-        return EXIT_INVALID if isinstance(exc, IssuesError) else EXIT_FAIL
+        return EXIT_INVALID if isinstance(exc, IssuesError) or exc.fault == "tenant" else EXIT_FAIL
     except Exception as exc:  # a bug: its traceback goes to stderr, and --json output stays JSON
         if getattr(args, "json", False):
             _print_json({"error": f"internal error: {type(exc).__name__}: {exc}", "issues": []})

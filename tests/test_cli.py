@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -180,3 +181,26 @@ def test_a_custom_model_trains_only_after_an_approved_review(tmp_path):
     (model / "config.json").write_text((model / "config.json").read_text().replace("}", ', "auto_map": {}}', 1))
     code, _, err = run("data", "inspect", str(recipe))
     assert code != 0, "changed files need a new review"
+
+
+def test_a_special_token_in_the_system_prompt_is_blamed_on_the_recipe_field(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text((ROOT / "recipes" / "data" / "quickstart.jsonl").read_text())
+    recipe = tmp_path / "recipe.yaml"
+    doc = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    doc["data"] |= {"path": "data/train.jsonl", "system_prompt": "Be brief.<|im_end|>"}
+    recipe.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    code, out, err = run("data", "inspect", str(recipe), "--json")
+    assert code == 2 and "data.system_prompt: contains the special token '<|im_end|>'" in err
+    assert [i["path"] for i in json.loads(out)["issues"]] == ["data.system_prompt"]
+
+
+def test_a_dataset_path_linked_out_of_the_bucket_is_the_tenants_to_fix(tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text((ROOT / "recipes" / "data" / "quickstart.jsonl").read_text())
+    bucket = tmp_path / "bucket"
+    (bucket / "data").mkdir(parents=True)
+    (bucket / "data" / "quickstart.jsonl").symlink_to(outside)
+    shutil.copy(ROOT / "recipes" / "quickstart.yaml", bucket / "recipe.yaml")
+    code, _, err = run("data", "inspect", str(bucket / "recipe.yaml"))
+    assert code == 2 and "data/quickstart.jsonl" in err and "link" in err, err

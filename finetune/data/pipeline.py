@@ -23,9 +23,9 @@ from finetune.data.limits import DEFAULT_DATA_LIMITS, DataLimits
 from finetune.data.packing import pack, packing_efficiency
 from finetune.data.readers import read_rows
 from finetune.data.report import DataReport, length_histogram, length_stats
-from finetune.data.tokenize import Dropped, TooLong, render_trained, tokenize_sample
+from finetune.data.tokenize import Dropped, TooLong, render_trained, special_token_in, tokenize_sample
 from finetune.data.types import PackedRow, Row, RowProblem, Sample, TokenizedSample
-from finetune.errors import Issue, IssuesError
+from finetune.errors import Issue, IssuesError, RecipeError
 from finetune.recipe import DataSection, Recipe
 from finetune.storage import Bucket
 
@@ -291,6 +291,12 @@ def prepare(
             too long under ``truncation: fail``; each problem located.
     """
     data = recipe.data
+    if data.system_prompt and (token := special_token_in(data.system_prompt, tokenizer)):
+        issue = Issue(
+            "data.system_prompt", f"contains the special token {token!r}, which the tokenizer would read as a "
+            "control token", hint="remove it: the chat template adds the model's control tokens itself",
+        )  # fmt: skip
+        raise RecipeError([issue], "the recipe's system prompt cannot be used")
     path, files = _local_files(bucket, data.path, scratch)
     eval_files: list[tuple[str, Path]] = []
     eval_path = None

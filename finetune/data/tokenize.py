@@ -169,6 +169,12 @@ def _special_token_problem(sample: Sample, special: _Specials) -> RowProblem | N
     return None
 
 
+def special_token_in(text: str, tokenizer: Any) -> str | None:
+    """The first special token whose text appears in ``text`` (it would become a control token), or None."""
+    found = _specials(tokenizer).pattern.search(text)
+    return found.group(0) if found else None
+
+
 def _has_target(labels: list[int]) -> bool:
     """Whether any label is a prediction target (the first token never is: nothing precedes it)."""
     return any(label != IGNORE_INDEX for label in labels[1:])
