@@ -370,6 +370,14 @@ def test_check_refuses_links_and_linked_folders_by_name(tmp_path, registry):
     assert sorted(str(i.file) for i in exc.value.issues) == ["extra.json", "secrets"]
 
 
+def test_a_config_nested_100k_deep_is_refused_without_a_traceback(tmp_path, registry):
+    folder = make_model(tmp_path / "upload")
+    (folder / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ModelCheckError) as exc:
+        check_folder(folder, "Acme AI", "TW", registry)
+    assert [str(i.file) for i in exc.value.issues] == ["config.json"]
+
+
 # ------------------------------------------------------------------------------ safetensors headers
 
 GOOD_HEADER = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
