@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import fsspec
 from pydantic import BaseModel, ConfigDict
@@ -114,6 +116,8 @@ class StorageConfig:
         raise StorageError(f"unsupported storage url '{self.url}': use file:// or s3://")
 
     def base_path(self) -> str:
+        if self.url.startswith("file://"):  # a file URL percent-encodes spaces and non-ASCII names
+            return url2pathname(urlparse(self.url).path).rstrip("/")
         rest = self.url.split("://", 1)[1] if "://" in self.url else self.url
         return rest.rstrip("/")
 
@@ -160,7 +164,7 @@ class Bucket:
         if ref.tenant is None or ref.term is None:
             if not ref.url.startswith("file://"):
                 raise StorageError(f"a bucket without tenant and term must be a local folder, not '{ref.url}'")
-            return cls.folder(Path(ref.url.removeprefix("file://")), quota_bytes=settings.quota_bytes)
+            return cls.folder(Path(url2pathname(urlparse(ref.url).path)), quota_bytes=settings.quota_bytes)
         secret = settings.s3_secret_access_key
         config = StorageConfig(
             url=ref.url,

@@ -150,7 +150,7 @@ def test_a_bucket_travels_as_a_reference_without_credentials(config, tmp_path):
         data_dir=tmp_path, s3_access_key_id=config.access_key_id, s3_secret_access_key=config.secret_access_key
     )
     assert Bucket.from_ref(ref, settings).read_bytes("probe.txt") == b"here"
-    folder = Bucket.folder(tmp_path / "job")
+    folder = Bucket.folder(tmp_path / "job 臺灣 100%")  # spaces, CJK and '%' survive the file:// URL
     assert Bucket.from_ref(folder.ref(), settings).root == folder.root
 
 
@@ -177,3 +177,10 @@ def test_a_plain_folder_can_act_as_the_bucket(tmp_path):
     assert bucket.local_path("data/train.jsonl") == tmp_path / "data" / "train.jsonl"
     with pytest.raises(PathEscapeError):
         bucket.read_bytes("../outside")
+
+
+def test_a_data_folder_with_spaces_and_cjk_keeps_its_buckets_inside_it(tmp_path):
+    data = tmp_path / "資料 100%"
+    bucket = Bucket.for_tenant(Settings(data_dir=data), "t1", "2026q1")
+    bucket.write_bytes("x.txt", b"x")
+    assert (data / "buckets" / "t1" / "2026q1" / "x.txt").read_bytes() == b"x"
