@@ -14,14 +14,23 @@ from collections.abc import Callable
 from typing import Any
 
 from finetune.errors import FinetuneError
-from finetune.events import JobSummary, read_events
+from finetune.events import ErrorInfo, JobSummary, read_events
 from finetune.jobstore import JobStore
 from finetune.settings import Settings
 from finetune.train.spec import JobSpec
 
-__all__ = ["run_on_ray", "train_worker"]
+__all__ = ["JobFailed", "run_on_ray", "train_worker"]
 
 logger = logging.getLogger(__name__)
+
+
+class JobFailed(FinetuneError):
+    """The job's workers failed; the error they recorded, and whose move it is."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(f"{error.type}: {error.message}")
+        self.error = error
+        self.fault = error.fault
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -50,6 +59,9 @@ def run_on_ray(
         The summary of the job's ``end`` event, which rank 0 publishes in the job's store.
 
     Raises:
+        JobFailed: The workers failed (after Ray's restarts): the last ``failure`` event they
+            recorded, with whose move it is (a tenant's data error stays the tenant's, though Ray
+            reports every worker failure as its own).
         FinetuneError: The job ended without an ``end`` event.
     """
     import torch
@@ -71,8 +83,28 @@ def run_on_ray(
             failure_config=FailureConfig(max_failures=settings.ray_max_failures),
         ),
     )
-    trainer.fit()
-    ends = [e for e in read_events(store.bucket, store.prefix, after=before) if e.kind == "end"]
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if (failed := recorded_failure(store, after=before)) is not None:
+            raise failed from exc
+        raise
+    return recorded_summary(store, after=before)
+
+
+def recorded_failure(store: JobStore, *, after: int) -> JobFailed | None:
+    """The last failure the job's workers recorded after event ``after``, as an error; None if none."""
+    failures = [e for e in read_events(store.bucket, store.prefix, after=after) if e.kind == "failure"]
+    return JobFailed(failures[-1].error) if failures else None
+
+
+def recorded_summary(store: JobStore, *, after: int) -> JobSummary:
+    """The summary of the job's last ``end`` event after event ``after``.
+
+    Raises:
+        FinetuneError: The job recorded no end.
+    """
+    ends = [e for e in read_events(store.bucket, store.prefix, after=after) if e.kind == "end"]
     if not ends:
         raise FinetuneError(f"the job ended without recording its end in {store.describe('events')}")
     return ends[-1].summary

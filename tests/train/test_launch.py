@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.errors import ModelStoreError, RecipeError
+from finetune.errors import FinetuneError, ModelStoreError, RecipeError
 from finetune.jobstore import JobStore, JobStoreRef
 from finetune.prepare import prepare_job
 from finetune.recipe import Recipe
@@ -159,3 +159,23 @@ def test_the_limits_on_tenant_input_are_settings(tmp_path, registry, monkeypatch
     with pytest.raises(DataError) as refused:
         prepare_job(recipe, Bucket.folder(tmp_path), settings, registry=registry)
     assert any("more than the 200 bytes allowed per row" in i.message for i in refused.value.issues)
+
+
+def test_a_failed_job_on_ray_keeps_the_fault_its_workers_recorded(tmp_path):
+    """Ray reports every worker failure as its own; the job's failure event keeps the tenant's fault."""
+    from finetune.events import EndEvent, ErrorInfo, EventLog, FailureEvent, JobSummary
+    from finetune.train.ray_launch import recorded_failure, recorded_summary
+
+    store = JobStore.folder(tmp_path / "job")
+    log = EventLog(store.bucket, store.prefix)
+    summary = JobSummary(steps=3, preempted=False, stopped_early=False, final="final", zero_stage=0)
+    log.emit(EndEvent(step=3, summary=summary))  # an earlier attempt's end: not this run's
+    error = ErrorInfo(type="JobDataError", message="the prepared data ... does not match", fault="tenant")
+    log.emit(FailureEvent(step=0, error=error))
+    log.close()
+    failed = recorded_failure(store, after=1)
+    assert failed is not None and failed.fault == "tenant" and "JobDataError" in str(failed)
+    assert recorded_failure(store, after=2) is None
+    assert recorded_summary(store, after=0) == summary
+    with pytest.raises(FinetuneError, match="without recording its end"):
+        recorded_summary(store, after=1)
