@@ -97,6 +97,13 @@ def fault_of(exc: BaseException) -> Fault:
         return exc.fault
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return "transient"
-    if type(exc).__module__.split(".")[0] == "ray":  # a lost worker or node, an actor that died
+    module = type(exc).__module__
+    if module.split(".")[0] == "ray" or module.startswith("torch.distributed"):  # a lost worker or node
         return "transient"
+    if isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _LOST_PEER):
+        return "transient"  # a collective whose peer died (gloo and NCCL raise plain RuntimeErrors)
     return "platform"
+
+
+#: What the communication backends say when a peer process died in the middle of a collective.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")

@@ -411,7 +411,10 @@ def test_a_killed_worker_is_replaced_and_the_job_resumes_from_the_bucket(
     run = Run.of(store, summary, workspace.key)
     assert summary.steps == STEPS and not summary.preempted and summary.zero_stage == 3
     events = run.events()
-    assert [e.kind for e in events] == ["start", "resume", "end"], events
+    # the surviving worker may record the lost peer as a failure, a transient one, before Ray restarts the group
+    assert [e.kind for e in events if e.kind != "failure"] == ["start", "resume", "end"], events
+    assert all(e.error.fault == "transient" for e in events if e.kind == "failure"), events
+    events = [e for e in events if e.kind != "failure"]
     resume = events[1]
     newest = max(killer.committed)
     assert resume.checkpoint == f"step-{resume.step:09d}" and resume.step >= newest, (resume, killer.committed)

@@ -179,3 +179,12 @@ def test_a_failed_job_on_ray_keeps_the_fault_its_workers_recorded(tmp_path):
     assert recorded_summary(store, after=0) == summary
     with pytest.raises(FinetuneError, match="without recording its end"):
         recorded_summary(store, after=1)
+
+
+def test_whose_move_a_failure_is():
+    from finetune.errors import fault_of
+
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:19330")
+    assert fault_of(lost) == "transient" and fault_of(ConnectionResetError()) == "transient"
+    assert fault_of(JobDataError([], "altered")) == "tenant" and fault_of(RecipeError([])) == "tenant"
+    assert fault_of(RuntimeError("shape mismatch")) == "platform"
