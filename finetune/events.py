@@ -159,6 +159,7 @@ class ErrorInfo(BaseModel):
     message: str
     fault: Literal["tenant", "transient", "platform"]
     hint: str | None = None
+    issues: list[dict[str, Any]] = []  # located problems ({file, line, path, message, hint}), as the engine found them
 
 
 class FailureEvent(_EventBase):

@@ -108,3 +108,59 @@ def world(db_url: str, tmp_path: Path) -> Iterator[World]:
     with w.client:
         yield w
     w.svc.db.kw["bind"].dispose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray head with its job-submission API, shared by the tests that run jobs; its address.
+
+    Started as the service starts one on embedded defaults, in its own process group, which is
+    stopped (every Ray process of it) at the end of the session.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from finetune.service.cluster import dashboard_up
+
+    port, dashboard = _free_port(), _free_port()
+    ray = Path(sys.executable).with_name("ray")
+    log = tmp_path_factory.mktemp("ray") / "ray.log"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
+             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while not dashboard_up(address):
+        if head.poll() is not None or time.monotonic() > deadline:
+            os.killpg(head.pid, signal.SIGKILL)
+            pytest.fail(f"the Ray head did not start: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    try:
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        time.sleep(1)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
