@@ -1,8 +1,8 @@
-# The two commands of the README, and their parts.
+# The two commands of the README, their parts, and the job service (`make serve`).
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test lint schema
+.PHONY: setup quickstart serve test lint schema
 
 $(BIN)/finetune: pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -21,6 +21,11 @@ quickstart: setup
 	$(BIN)/finetune train recipes/quickstart.yaml
 	$(BIN)/finetune archive build finetune-data/jobs/quickstart --out finetune-data/archives/quickstart.tar
 	$(BIN)/finetune archive verify finetune-data/archives/quickstart.tar
+
+# The job service on embedded defaults (SQLite and file:// buckets under finetune-data/, a local Ray
+# head started by the service): makes a demo tenant and prints its API key; Ctrl-C stops it.
+serve: setup
+	$(BIN)/finetune serve --demo
 
 lint: setup
 	$(BIN)/ruff check .

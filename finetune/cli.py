@@ -476,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_archive_verify)
     p = asub.add_parser("public-key", help="print the platform's public key (base64), which verifies its archives")
     p.set_defaults(func=cmd_archive_public_key)
+
+    from finetune.service.cli import add_service_commands  # here: it imports this module's helpers
+
+    add_service_commands(sub)
     return parser
 
 
