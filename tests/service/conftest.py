@@ -76,7 +76,7 @@ class World:
         return Bucket.for_tenant(self.svc.engine, self.tenants[who], self.term)
 
 
-def make_world(db_url: str, data_dir: Path, **service: Any) -> World:
+def make_world(db_url: str, data_dir: Path, *, engine_settings: dict[str, Any] | None = None, **service: Any) -> World:
     from fastapi.testclient import TestClient
 
     from finetune.service import admin
@@ -86,7 +86,7 @@ def make_world(db_url: str, data_dir: Path, **service: Any) -> World:
     from finetune.service.models import utcnow
     from finetune.settings import Settings
 
-    engine = Settings(data_dir=data_dir)
+    engine = Settings(data_dir=data_dir, **(engine_settings or {}))
     settings = ServiceSettings(database_url=db_url, **{"dispatcher": False, **service})
     svc = build_service(settings, engine)
     world = World(client=None, svc=svc, data_dir=data_dir, term="term-1")
@@ -141,7 +141,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         head = subprocess.Popen(
             [str(ray), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2",
-             f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"],
+             "--disable-usage-stats",
+            # every port of its own: another Ray on this machine (a test's private one) must not collide
+            *(f"--{name}={_free_port()}" for name in ("ray-client-server-port", "dashboard-agent-listen-port",
+              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
+              "object-manager-port"))],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
