@@ -104,6 +104,7 @@ class OpsJobOut(BaseModel):
 
 class EventOut(BaseModel):
     position: int = Field(description="The event's place in the job's history (1, 2, 3...): the cursor.")
+    seq: int | None = Field(default=None, description="The engine's sequence number (none on a state change).")
     kind: str
     time: datetime
     attempt: int
