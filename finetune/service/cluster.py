@@ -118,6 +118,33 @@ class RayCluster:
         except Exception as exc:  # noqa: BLE001 - connection errors of requests
             raise ClusterError(f"cannot submit job {submission_id}: {exc}") from exc
 
+    def submit_benchmark(self, submission_id: str, request: dict[str, Any]) -> None:
+        """Start the ops' throughput benchmark (:mod:`workers.benchmark`) as a Ray job."""
+        import json
+
+        from finetune.service.benchmarks import ENV as BENCHMARK
+
+        env = {BENCHMARK: json.dumps(request)}
+        if "RAY_AUTH_MODE" in os.environ:
+            env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
+        try:
+            self.client.submit_job(entrypoint=f"{shlex.quote(self.python)} -m workers.benchmark",
+                                   submission_id=submission_id, runtime_env={"env_vars": env},
+                                   metadata={"finetune_benchmark": submission_id}, entrypoint_num_cpus=0)  # fmt: skip
+        except RuntimeError as exc:
+            if "already exists" in str(exc) or "already been used" in str(exc):
+                return
+            raise ClusterError(f"the cluster refused benchmark {submission_id}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            raise ClusterError(f"cannot submit benchmark {submission_id}: {exc}") from exc
+
+    def logs(self, submission_id: str) -> str:
+        """The driver's log (benchmarks only: a tenant job's log may hold the tenant's content)."""
+        try:
+            return str(self.client.get_job_logs(submission_id))
+        except Exception as exc:  # noqa: BLE001
+            raise ClusterError(f"cannot read the log of {submission_id}: {exc}") from exc
+
     def status(self, submission_id: str) -> RayJob | None:
         """The Ray job's state, or None when the cluster does not know it."""
         try:

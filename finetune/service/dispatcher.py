@@ -31,7 +31,7 @@ from finetune.events import read_events
 from finetune.service.cluster import FAILED, STOPPED, SUCCEEDED, ClusterError, RayCluster, RayJob, ensure_local_head
 from finetune.service.history import add_events, transition
 from finetune.service.ingest import ingest, job_prefix
-from finetune.service.models import Grant, Job, utcnow
+from finetune.service.models import BenchmarkRun, Grant, Job, utcnow
 from finetune.service.scope import Service
 from finetune.storage import Bucket
 from finetune.train.cluster_job import EXIT_PREEMPTED, EXIT_TENANT, ClusterJob
@@ -120,13 +120,28 @@ class Dispatcher:
     # ----------------------------------------------------------------------------------- tick
     def tick(self) -> None:
         self.admit()
+        self.admit_benchmarks()
         with self.svc.db() as session:
             ids = session.scalars(select(Job.id).where(Job.state.in_(ACTIVE)).order_by(Job.id)).all()
+            runs = session.scalars(select(BenchmarkRun.id).where(BenchmarkRun.state == "running")).all()
         for job_id in ids:
             try:
                 self.settle(job_id)
             except ClusterError as exc:  # the cluster is unreachable: try again next tick
                 logger.warning("job %s: %s", job_id, exc)
+        for run_id in runs:
+            try:
+                self.settle_benchmark(run_id)
+            except ClusterError as exc:
+                logger.warning("benchmark %s: %s", run_id, exc)
+
+    def busy(self, session: Session) -> int:
+        """GPUs held now: by tenants' jobs and by the ops' benchmarks."""
+        jobs = session.scalar(select(func.coalesce(func.sum(Job.gpus), 0)).where(Job.state.in_(ACTIVE)))
+        runs = session.scalar(
+            select(func.coalesce(func.sum(BenchmarkRun.gpus), 0)).where(BenchmarkRun.state == "running")
+        )
+        return int(jobs or 0) + int(runs or 0)
 
     def admit(self) -> None:
         """Admit queued jobs, first come first served, while GPUs are free."""
@@ -135,7 +150,7 @@ class Dispatcher:
             if not queued:
                 return
             capacity = self.capacity()
-            busy = int(session.scalar(select(func.coalesce(func.sum(Job.gpus), 0)).where(Job.state.in_(ACTIVE))) or 0)
+            busy = self.busy(session)
             held: dict[str, int] = defaultdict(int)
             for tenant, gpus in session.execute(
                 select(Job.tenant_id, func.sum(Job.gpus)).where(Job.state.in_(ACTIVE)).group_by(Job.tenant_id)
@@ -227,3 +242,51 @@ class Dispatcher:
         session.flush()
         add_events(session, job, [("attempt", {"attempt": attempt, "reason": why}, None, None)])
         session.commit()
+
+    # ----------------------------------------------------------------------------- benchmarks
+    def admit_benchmarks(self) -> None:
+        """Start the ops' queued benchmarks, oldest first, on GPUs no tenant job waits for."""
+        with self.svc.db() as session:
+            runs = session.scalars(
+                select(BenchmarkRun).where(BenchmarkRun.state == "queued").order_by(BenchmarkRun.id)
+            ).all()
+            if not runs:
+                return
+            waiting = session.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) or 0
+            free = self.capacity() - self.busy(session)
+            for run in runs:
+                if waiting or run.gpus > free:
+                    break  # tenants first; then first come first served
+                run.state, run.started_at = "running", utcnow()
+                run.submission_id = f"{run.id}-1"
+                free -= run.gpus
+            session.commit()
+
+    def settle_benchmark(self, run_id: str) -> None:
+        from finetune.service.benchmarks import parse_result
+        from finetune.service.ingest import _clean
+
+        with self.svc.db() as session:
+            run = session.get(BenchmarkRun, run_id)
+            if run is None or run.state != "running" or run.submission_id is None:
+                return
+            if run.submitted_at is None:
+                if self.cluster.status(run.submission_id) is None:
+                    self.cluster.submit_benchmark(run.submission_id, run.request)
+                run.submitted_at = utcnow()
+                session.commit()
+                return
+            found = self.cluster.status(run.submission_id)
+            if found is None or found.status in (STOPPED, FAILED):
+                run.state, run.finished_at = "failed", utcnow()
+                run.error = found.message[:2000] if found else "lost: the cluster no longer knows this benchmark"
+            elif found.status == SUCCEEDED:
+                result = parse_result(self.cluster.logs(run.submission_id))
+                run.finished_at = utcnow()
+                if result is None:
+                    run.state, run.error = "failed", "the benchmark printed no result"
+                else:
+                    run.state, run.result = "succeeded", _clean(result)
+                    devices = {str((one.get("device") or {}).get("name")) for one in result}
+                    run.device = ", ".join(sorted(devices))[:200]
+            session.commit()

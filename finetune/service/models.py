@@ -230,12 +230,13 @@ class BenchmarkRun(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     gpus: Mapped[int] = mapped_column(Integer)
-    model_id: Mapped[str] = mapped_column(String(200))
-    method: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    request: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, succeeded, failed
     submission_id: Mapped[str | None] = mapped_column(String(120))
+    submitted_at: Mapped[datetime | None]
     device: Mapped[str | None] = mapped_column(String(200))
-    result: Mapped[dict[str, Any] | None]
+    result: Mapped[list[Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -9,8 +9,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from sqlalchemy import func, select
 
+from finetune.service.benchmarks import BenchmarkRequest, per_gpu_rows, script
+from finetune.service.errors import ApiError, not_found
+from finetune.service.ids import new_id
 from finetune.service.jobs import ops_job_out
-from finetune.service.models import STATES, Job
+from finetune.service.models import STATES, BenchmarkRun, Job
 from finetune.service.paging import After, Limit, page
 from finetune.service.schemas import OpsJobOut, Page
 from finetune.service.scope import Ops, OpsScope
@@ -64,9 +67,55 @@ def throughput_rows(scope: OpsScope) -> list[dict[str, Any]]:
             for m, meth, n, avg, g in rows]  # fmt: skip
 
 
-@router.get("/v1/ops/throughput", summary="Tokens/s per GPU: live, by model and method")
+def benchmark_out(run: BenchmarkRun) -> dict[str, Any]:
+    return {"id": run.id, "gpus": run.gpus, "request": run.request, "state": run.state, "device": run.device,
+            "created_at": run.created_at.isoformat(), "started_at": run.started_at and run.started_at.isoformat(),
+            "finished_at": run.finished_at and run.finished_at.isoformat(), "error": run.error,
+            "per_gpu": per_gpu_rows(run.result) if run.result else []}  # fmt: skip
+
+
+@router.post("/v1/ops/benchmarks", status_code=201, summary="Run the throughput benchmark on the cluster's GPUs")
+def create_benchmark(scope: Ops, body: BenchmarkRequest) -> dict[str, Any]:
+    """Our engine against the Hugging Face Trainer, on synthetic data, once per GPU asked for. It waits
+    for GPUs no tenant job is waiting for, and charges no tenant."""
+    if script() is None:
+        raise ApiError(422, "the benchmark scripts are not installed with this service", code="unavailable")
+    cap = capacity(scope)
+    if cap is not None and body.gpus > cap:
+        raise ApiError(422, f"asks for {body.gpus} GPUs; the cluster has {cap}", param="gpus")
+    run = BenchmarkRun(id=new_id("bench"), gpus=body.gpus, request=body.model_dump(mode="json"), state="queued")
+    scope.session.add(run)
+    scope.session.commit()
+    if scope.svc.dispatcher is not None:
+        scope.svc.dispatcher.wake()
+    return benchmark_out(run)
+
+
+@router.get("/v1/ops/benchmarks", summary="The benchmarks run, newest first")
+def list_benchmarks(scope: Ops, limit: Limit = 20) -> list[dict[str, Any]]:
+    runs = scope.session.scalars(select(BenchmarkRun).order_by(BenchmarkRun.id.desc()).limit(limit)).all()
+    return [benchmark_out(r) for r in runs]
+
+
+@router.get("/v1/ops/benchmarks/{benchmark_id}", summary="One benchmark and its figures per GPU")
+def get_benchmark(scope: Ops, benchmark_id: str) -> dict[str, Any]:
+    run = scope.session.get(BenchmarkRun, benchmark_id)
+    if run is None:
+        raise not_found("benchmark", benchmark_id)
+    return benchmark_out(run)
+
+
+@router.get("/v1/ops/throughput", summary="Tokens/s per GPU: live by model and method, and as benchmarked")
 def ops_throughput(scope: Ops) -> dict[str, Any]:
-    return {"live": throughput_rows(scope)}
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    done = scope.session.scalars(
+        select(BenchmarkRun).where(BenchmarkRun.state == "succeeded").order_by(BenchmarkRun.id.desc()).limit(50)
+    ).all()
+    for run in done:  # the newest figure of each device, system, model and method
+        for row in per_gpu_rows(run.result or []):
+            key = (row["device"], row["system"], row["model_id"], row["method"], row["size"])
+            latest.setdefault(key, {**row, "benchmark_id": run.id, "finished_at": run.finished_at})
+    return {"live": throughput_rows(scope), "benchmarked": list(latest.values())}
 
 
 @router.get("/metrics", summary="Prometheus metrics (ops key)", response_class=Response,

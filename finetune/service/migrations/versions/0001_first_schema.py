@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-30 23:46:15.244420
+Create Date: 2026-12-01 00:09:15.450827
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ def upgrade() -> None:
         "benchmark_runs",
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("gpus", sa.Integer(), nullable=False),
-        sa.Column("model_id", sa.String(length=200), nullable=False),
-        sa.Column("method", sa.String(length=16), nullable=False),
+        sa.Column("request", sa.JSON(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("submission_id", sa.String(length=120), nullable=True),
+        sa.Column("submitted_at", finetune.service.models.UTCDateTime(), nullable=True),
         sa.Column("device", sa.String(length=200), nullable=True),
         sa.Column("result", sa.JSON(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("created_at", finetune.service.models.UTCDateTime(), nullable=False),
+        sa.Column("started_at", finetune.service.models.UTCDateTime(), nullable=True),
         sa.Column("finished_at", finetune.service.models.UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_benchmark_runs")),
     )
