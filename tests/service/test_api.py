@@ -192,3 +192,26 @@ def test_job_rows_hold_the_resolved_recipe(world) -> None:
         row = session.get(Job, job["id"])
         assert row is not None and row.recipe["model"]["id"] == "smollm2-135m-instruct"
         assert row.tenant_id == world.tenants["a"] and row.term_id == world.term
+
+
+def test_the_event_stream_resumes_after_the_last_event_id_and_ends_with_the_job(world) -> None:
+    assert _upload(world).status_code == 201
+    job = _submit(world).json()
+    assert world.client.post(f"/v1/jobs/{job['id']}/cancel", headers=world.auth("a")).status_code == 202
+
+    def stream(**headers: str) -> list[tuple[str, str]]:
+        seen = []
+        with world.client.stream("GET", f"/v1/jobs/{job['id']}/events/stream",
+                                 headers={**world.auth("a"), **headers}) as answer:  # fmt: skip
+            assert answer.status_code == 200
+            for line in answer.iter_lines():
+                if line.startswith(("id: ", "event: ")):
+                    seen.append(tuple(line.split(": ", 1)))
+        return seen
+
+    assert stream() == [("id", "1"), ("event", "state"), ("id", "2"), ("event", "state")]
+    assert stream(**{"Last-Event-ID": "1"}) == [("id", "2"), ("event", "state")]
+    assert stream(**{"Last-Event-ID": "2"}) == []
+    bad = world.client.get(f"/v1/jobs/{job['id']}/events/stream", headers={**world.auth("a"), "Last-Event-ID": "x"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "Last-Event-ID"
+    assert world.client.get(f"/v1/jobs/{job['id']}/events/stream", headers=world.auth("b")).status_code == 404
