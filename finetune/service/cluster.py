@@ -97,9 +97,10 @@ class RayCluster:
     def submit(self, submission_id: str, job: ClusterJob) -> None:
         """Start the job's driver as a Ray job named ``submission_id``; a second submission of the same
         id is refused by Ray and ignored here (the first one runs)."""
+        # No secret travels with a job (Ray shows a job's environment to whoever can see the
+        # cluster): the cluster's processes have the signing key and storage credentials of their own.
         env = {ENV: job.model_dump_json()}
-        for name in ("RAY_AUTH_MODE", "FINETUNE_SIGNING_KEY", "FINETUNE_S3_ACCESS_KEY_ID",
-                     "FINETUNE_S3_SECRET_ACCESS_KEY", "OMP_NUM_THREADS"):  # fmt: skip
+        for name in ("RAY_AUTH_MODE", "OMP_NUM_THREADS"):
             if name in os.environ:
                 env[name] = os.environ[name]
         try:
