@@ -50,6 +50,9 @@ class ServiceSettings(BaseSettings):
     ray_port: int = Field(default=6390, description="Port of the local Ray head started on embedded defaults.")
     ray_dashboard_port: int = Field(default=8265, description="Job-submission port of that local head.")
     ray_num_cpus: int | None = Field(default=None, description="CPUs of the local Ray head; default: all.")
+    events_flush_seconds: float = Field(
+        default=2.0, gt=0, description="Most seconds a job's step records wait before reaching the bucket."
+    )
     sse_poll_seconds: float = Field(default=0.25, gt=0, description="How often an event stream looks for news.")
 
     def database(self, engine: Settings) -> str:

@@ -181,7 +181,8 @@ class Dispatcher:
         from finetune.jobstore import JobStore
 
         settings = self.svc.engine.for_workers()
-        settings.update({"quota_bytes": quota, "ray_address": None})
+        flush = min(float(settings["events_flush_seconds"]), self.svc.settings.events_flush_seconds)
+        settings.update({"quota_bytes": quota, "ray_address": None, "events_flush_seconds": flush})
         store = JobStore(bucket, job_prefix(job.id), job.id)
         return ClusterJob(job_id=job.id, attempt=job.attempt, store=store.ref(), recipe=job.recipe, settings=settings)
 
