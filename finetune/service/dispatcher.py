@@ -85,6 +85,11 @@ class Dispatcher:
             try:
                 self.tick()
                 self.last_error = None
+            except ClusterError as exc:
+                self.last_error = str(exc)
+                logger.warning("the cluster: %s", exc)
+                if not self.svc.engine.ray_address:  # our own local head died: start it again next tick
+                    self._cluster = None
             except Exception as exc:  # noqa: BLE001 - one bad tick must not stop the dispatcher
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 logger.exception("dispatcher tick failed")
@@ -125,15 +130,9 @@ class Dispatcher:
             ids = session.scalars(select(Job.id).where(Job.state.in_(ACTIVE)).order_by(Job.id)).all()
             runs = session.scalars(select(BenchmarkRun.id).where(BenchmarkRun.state == "running")).all()
         for job_id in ids:
-            try:
-                self.settle(job_id)
-            except ClusterError as exc:  # the cluster is unreachable: try again next tick
-                logger.warning("job %s: %s", job_id, exc)
+            self.settle(job_id)  # a ClusterError ends the tick: the cluster is tried again at the next
         for run_id in runs:
-            try:
-                self.settle_benchmark(run_id)
-            except ClusterError as exc:
-                logger.warning("benchmark %s: %s", run_id, exc)
+            self.settle_benchmark(run_id)
 
     def busy(self, session: Session) -> int:
         """GPUs held now: by tenants' jobs and by the ops' benchmarks."""
