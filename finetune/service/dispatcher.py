@@ -130,7 +130,12 @@ class Dispatcher:
             ids = session.scalars(select(Job.id).where(Job.state.in_(ACTIVE)).order_by(Job.id)).all()
             runs = session.scalars(select(BenchmarkRun.id).where(BenchmarkRun.state == "running")).all()
         for job_id in ids:
-            self.settle(job_id)  # a ClusterError ends the tick: the cluster is tried again at the next
+            try:
+                self.settle(job_id)
+            except ClusterError:
+                raise  # the cluster is unreachable: tried again at the next tick
+            except Exception:  # noqa: BLE001 - one job's trouble (its bucket, say) must not hold up the others
+                logger.exception("job %s could not be settled this tick", job_id)
         for run_id in runs:
             self.settle_benchmark(run_id)
 
