@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 
 import finetune
 from finetune.registry import Registry
 from finetune.service import errors
 from finetune.service.config import ServiceConfigError, ServiceSettings
 from finetune.service.db import current_revision, head_revision, make_engine, migrate, sessions
-from finetune.service.limits import BodyLimit
+from finetune.service.limits import BodyLimit, no_nul
 from finetune.service.scope import Service
 from finetune.settings import Settings
 
@@ -74,16 +76,45 @@ def create_app(
         version=finetune.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses=errors.ERROR_RESPONSES,
+        responses=errors.error_responses(422),  # in place of FastAPI's own; _declare_errors keeps it where due
+        generate_unique_id_function=_operation_id,
+        dependencies=[Depends(no_nul)],
     )
     app.state.service = svc
     errors.install(app)
     from finetune.service.routes import register
 
     register(app)
+    plain_openapi = app.openapi
+    app.openapi = lambda: _declare_errors(plain_openapi())  # type: ignore[method-assign]
 
     def limit_for(path: str, method: str) -> int:
         return settings.max_upload_bytes if path == UPLOAD_PATH else settings.max_body_bytes
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
     return app
+
+
+def _operation_id(route: APIRoute) -> str:
+    """The handler's name: stable and readable in generated clients (tests keep the names unique)."""
+    return route.name
+
+
+def _declare_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """Declare each operation's errors, in the envelope, from what it takes: a body (400, 413), a key
+    (401), a role (403: its security names one), a path id (404), any input (422). A route's own stay."""
+    for operation in (op for item in doc["paths"].values() for op in item.values()):
+        responses, params, body = operation["responses"], operation.get("parameters", []), "requestBody" in operation
+        roles = [scopes for requirement in operation.get("security", []) for scopes in requirement.values()]
+        invalid = responses.pop("422", None)
+        wanted = {400: body, 401: bool(roles), 403: any(roles), 404: any(p["in"] == "path" for p in params),
+                  413: body, 422: body or bool(params)}  # fmt: skip
+        for status in (status for status, needed in wanted.items() if needed):
+            responses.setdefault(str(status), (invalid if status == 422 else None) or _envelope(status))
+    return doc
+
+
+def _envelope(status: int) -> dict[str, Any]:
+    schema = {"$ref": f"#/components/schemas/{errors.ErrorEnvelope.__name__}"}
+    return {"description": errors.ERROR_RESPONSES[status]["description"],
+            "content": {"application/json": {"schema": schema}}}  # fmt: skip

@@ -1,11 +1,15 @@
 """Request bodies are bounded before they are read: ``Content-Length`` over the limit is answered
-413 at once, and a body sent without a length is counted as it streams and cut off at the limit."""
+413 at once, and a body sent without a length is counted as it streams and cut off at the limit.
+Path and query parameters hold no NUL character (:func:`no_nul`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from fastapi import Request
+
+from finetune.errors import Issue
 from finetune.service.errors import ApiError
 
 Scope = dict[str, Any]
@@ -76,3 +80,13 @@ async def _answer(send: Send, error: ApiError) -> None:
                 "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
                 + [(b"connection", b"close")]})  # fmt: skip
     await send({"type": "http.response.body", "body": response.body})
+
+
+def no_nul(request: Request) -> None:
+    """Refuse a NUL character in a path or query parameter (422, naming it): no id, cursor or filter
+    holds one, and PostgreSQL can neither store nor compare one (it would fail the query: a 500)."""
+    for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
+        if "\x00" in name or "\x00" in str(value):
+            shown = name.replace("\x00", "\\0")
+            message = f"'{shown}' holds a NUL character"
+            raise ApiError(422, message, param=shown, issues=[Issue(shown, message)])

@@ -15,7 +15,8 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 LAST_USED_EVERY = timedelta(minutes=1)  # how stale a key's last_used_at may get (no write per request)
+#: Declares the key in the OpenAPI document, on exactly the routes that take one, with the role a route
+#: needs as the requirement's scope (``tenant``, ``ops`` or ``admin``); :func:`_bearer` reads the key.
+BEARER = HTTPBearer(
+    scheme_name="bearer",
+    auto_error=False,
+    description="An API key: `Authorization: Bearer <key>`. "
+    "A route's security names the role its key needs: tenant, ops (admin keys too) or admin.",
+)
 
 
 @dataclass
@@ -66,7 +75,11 @@ def _bearer(request: Request) -> str:
     return key.strip()
 
 
-def caller(request: Request, svc: Annotated[Service, Depends(service)]) -> Caller:
+def caller(
+    request: Request,
+    svc: Annotated[Service, Depends(service)],
+    _declared: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> Caller:
     """The key's owner and role; 401 for a missing, unknown or revoked key."""
     key = _bearer(request)
     with svc.db() as session, session.begin():
@@ -150,7 +163,7 @@ class TenantScope:
 
 
 def tenant_scope(
-    who: Annotated[Caller, Depends(caller)], svc: Annotated[Service, Depends(service)]
+    who: Annotated[Caller, Security(caller, scopes=["tenant"])], svc: Annotated[Service, Depends(service)]
 ) -> Iterator[TenantScope]:
     if who.role != "tenant" or who.tenant_id is None:
         raise ApiError(403, "this route serves a tenant's own content; ops and admin keys cannot reach it",
@@ -170,7 +183,9 @@ class OpsScope:
         self.svc, self.session, self.who = svc, session, who
 
 
-def ops_scope(who: Annotated[Caller, Depends(caller)], svc: Annotated[Service, Depends(service)]) -> Iterator[OpsScope]:
+def ops_scope(
+    who: Annotated[Caller, Security(caller, scopes=["ops"])], svc: Annotated[Service, Depends(service)]
+) -> Iterator[OpsScope]:
     if who.role not in ("ops", "admin"):
         raise ApiError(403, "this route is for the platform's operators", code="forbidden")
     with svc.db() as session:
@@ -178,7 +193,7 @@ def ops_scope(who: Annotated[Caller, Depends(caller)], svc: Annotated[Service, D
 
 
 def admin_scope(
-    who: Annotated[Caller, Depends(caller)], svc: Annotated[Service, Depends(service)]
+    who: Annotated[Caller, Security(caller, scopes=["admin"])], svc: Annotated[Service, Depends(service)]
 ) -> Iterator[OpsScope]:
     if who.role != "admin":
         raise ApiError(403, "this route is for the platform's administrators", code="forbidden")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter
@@ -10,16 +10,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from finetune.service import admin
-from finetune.service.errors import ApiError, not_found
+from finetune.service.errors import ApiError, error_responses, not_found
 from finetune.service.keys import create_key, revoke_key
 from finetune.service.models import ApiKey, Tenant
 from finetune.service.scope import Admin
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
+#: Names and ids hold no control character (PostgreSQL cannot even store a NUL: it would be a 500).
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+#: A term starts and ends within these; a time outside them cannot be stored (nor 92 days added to it).
+EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+
 
 class NewTenant(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=PRINTABLE)
     time_zone: str = Field(default="Asia/Taipei", max_length=64)
 
 
@@ -30,8 +35,8 @@ class NewTerm(BaseModel):
 
 
 class GrantIn(BaseModel):
-    tenant_id: str = Field(max_length=40)
-    term_id: str = Field(max_length=63)
+    tenant_id: str = Field(max_length=40, pattern=PRINTABLE)
+    term_id: str = Field(max_length=63, pattern=PRINTABLE)
     tier: Literal["L1", "L2", "L3"] = "L1"
     gpus_per_job: int = Field(default=8, ge=1, le=1024)
     gpus_held: int = Field(default=8, ge=1, le=4096)
@@ -41,8 +46,8 @@ class GrantIn(BaseModel):
 
 class NewKey(BaseModel):
     role: Literal["tenant", "ops", "admin"]
-    tenant_id: str | None = Field(default=None, max_length=40)
-    name: str = Field(default="", max_length=100)
+    tenant_id: str | None = Field(default=None, max_length=40, pattern=PRINTABLE)
+    name: str = Field(default="", max_length=100, pattern=PRINTABLE)
 
 
 def _run(scope: Admin, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -73,6 +78,9 @@ def create_term(scope: Admin, body: NewTerm) -> dict[str, Any]:
         raise ApiError(422, "give times with their offset (2026-10-01T00:00:00+08:00)", param="starts_at")
     if body.ends_at is not None and body.ends_at.tzinfo is None:
         raise ApiError(422, "give times with their offset (2026-12-31T00:00:00+08:00)", param="ends_at")
+    for name, value in (("starts_at", body.starts_at), ("ends_at", body.ends_at)):
+        if value is not None and not EARLIEST <= value <= LATEST:
+            raise ApiError(422, f"a term lies between {EARLIEST.year} and {LATEST.year}", param=name)
     term = _run(scope, admin.create_term, body.id, starts_at=body.starts_at, ends_at=body.ends_at)
     return admin.term_dict(term)
 
@@ -94,7 +102,7 @@ def list_grants(scope: Admin) -> list[dict[str, Any]]:
     return admin.list_grants(scope.session)
 
 
-@router.post("/keys", status_code=201, summary="A new API key (shown once)")
+@router.post("/keys", status_code=201, summary="A new API key (shown once)", responses=error_responses(404))
 def new_key(scope: Admin, body: NewKey) -> dict[str, Any]:
     if body.tenant_id is not None and scope.session.get(Tenant, body.tenant_id) is None:
         raise not_found("tenant", body.tenant_id)

@@ -43,7 +43,9 @@ def get_schema(_who: Annotated[Caller, Depends(caller)]) -> dict[str, Any]:
 
 
 @router.post("/recipes/validate", response_model=ValidationOut, summary="Check a recipe without running it")
-def validate(svc: Svc, _who: Annotated[Caller, Depends(caller)], body: Annotated[str, RECIPE_BODY]) -> ValidationOut:
+def validate_recipe(
+    svc: Svc, _who: Annotated[Caller, Depends(caller)], body: Annotated[str, RECIPE_BODY]
+) -> ValidationOut:
     recipe, issues = validate_text(body, svc.registry, "recipe", svc.engine.recipe_limits)
     return ValidationOut(
         valid=recipe is not None,

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from finetune.service.datasets import dataset_path, record, register, scratch, suffix, taken
-from finetune.service.errors import ApiError
+from finetune.service.errors import ApiError, error_responses
 from finetune.service.models import Dataset
 from finetune.service.paging import After, Limit, page
 from finetune.service.schemas import DatasetOut, Page, RegisterDataset
@@ -40,10 +40,11 @@ def _created(row: Dataset) -> JSONResponse:
     response_model=DatasetOut,
     status_code=201,
     summary="Upload a dataset file (the request body is the file)",
+    responses=error_responses(409),
     openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
         "schema": {"type": "string", "format": "binary"}}}}},
 )  # fmt: skip
-async def upload(
+async def upload_dataset(
     scope: Tenancy,
     request: Request,
     path: Annotated[str, Query(max_length=1024, description="Where it goes in your bucket: datasets/train.jsonl")],
@@ -79,8 +80,9 @@ async def upload(
         local.unlink(missing_ok=True)
 
 
-@router.post("", response_model=DatasetOut, status_code=201, summary="Register a file already in your bucket")
-def create(scope: Tenancy, body: RegisterDataset) -> JSONResponse:
+@router.post("", response_model=DatasetOut, status_code=201, summary="Register a file already in your bucket",
+             responses=error_responses(409))  # fmt: skip
+def register_dataset(scope: Tenancy, body: RegisterDataset) -> JSONResponse:
     return _created(register(scope, body.path))
 
 

@@ -20,7 +20,8 @@ from finetune.service.scope import Service, Tenancy
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"])
 
-AfterPosition = Annotated[int, Query(ge=0, description="The last position seen; 0 for the beginning.")]
+MAX_POSITION = 2**31 - 1  # positions are 32-bit integers in the database: a larger cursor cannot be compared
+AfterPosition = Annotated[int, Query(ge=0, le=MAX_POSITION, description="The last position seen; 0 for the beginning.")]
 KEEPALIVE_SECONDS = 15.0
 BATCH = 500
 
@@ -58,8 +59,8 @@ def _start(last_event_id: str | None, after: int) -> int:
         value = int(last_event_id.strip())
     except ValueError:
         raise ApiError(422, "Last-Event-ID is the position of the last event received", param="Last-Event-ID") from None
-    if value < 0:
-        raise ApiError(422, "Last-Event-ID is not negative", param="Last-Event-ID")
+    if not 0 <= value <= MAX_POSITION:
+        raise ApiError(422, f"Last-Event-ID is a position from 0 to {MAX_POSITION}", param="Last-Event-ID")
     return value
 
 
@@ -105,7 +106,7 @@ def stream_events(scope: Tenancy, job_id: str, request: Request, after: AfterPos
 @router.get(
     "/{job_id}/metrics", response_model=MetricsOut, summary="Loss, evaluation loss and tokens/s per GPU by step"
 )
-def metrics(scope: Tenancy, job_id: str) -> MetricsOut:
+def get_metrics(scope: Tenancy, job_id: str) -> MetricsOut:
     job = scope.job(job_id)
     rows = scope.session.scalars(
         select(Event).where(Event.job_id == job.id, Event.kind.in_(("step", "eval"))).order_by(Event.position)

@@ -18,7 +18,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="The database answers and the dispatcher (if any) is alive")
+@router.get("/readyz", summary="The database answers and the dispatcher (if any) is alive",
+            responses={503: {"description": "Not ready: `checks` says what fails"}})  # fmt: skip
 def readyz(svc: Svc) -> Any:
     checks: dict[str, str] = {}
     try:

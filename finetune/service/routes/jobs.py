@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
-from finetune.service.errors import ApiError
+from finetune.service.errors import ApiError, error_responses
 from finetune.service.history import transition
 from finetune.service.jobs import clone_text, create_job, job_out, queue_position
 from finetune.service.models import FINAL_STATES, Checkpoint, Job, utcnow
@@ -39,8 +39,9 @@ def _created(job: Job, fresh: bool, scope: Tenancy) -> JSONResponse:
     return JSONResponse(body, status_code=201 if fresh else 200, headers=headers)
 
 
-@router.post("", response_model=JobOut, status_code=201, summary="Submit a recipe as a new job")
-def create(scope: Tenancy, body: Annotated[str, RECIPE_BODY], key: IdempotencyKey = None) -> JSONResponse:
+@router.post("", response_model=JobOut, status_code=201, summary="Submit a recipe as a new job",
+             responses=error_responses(409))  # fmt: skip
+def submit_job(scope: Tenancy, body: Annotated[str, RECIPE_BODY], key: IdempotencyKey = None) -> JSONResponse:
     job, fresh = create_job(scope, body, idempotency_key=key)
     return _created(job, fresh, scope)
 
@@ -61,8 +62,9 @@ def get_job(scope: Tenancy, job_id: str) -> JobOut:
     return job_out(job, position=queue_position(scope.session, job))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, status_code=202, summary="Stop a job, keeping its checkpoints")
-def cancel(scope: Tenancy, job_id: str) -> JobOut:
+@router.post("/{job_id}/cancel", response_model=JobOut, status_code=202, summary="Stop a job, keeping its checkpoints",
+             responses=error_responses(409))  # fmt: skip
+def cancel_job(scope: Tenancy, job_id: str) -> JobOut:
     job = scope.job(job_id, lock=True)
     if job.state in FINAL_STATES:
         raise ApiError(409, f"the job has {job.state} already", code="job_finished")
@@ -78,16 +80,20 @@ def cancel(scope: Tenancy, job_id: str) -> JobOut:
 
 
 @router.post(
-    "/{job_id}/clone", response_model=JobOut, status_code=201, summary="A new job from this one's recipe, changed"
+    "/{job_id}/clone",
+    response_model=JobOut,
+    status_code=201,
+    summary="A new job from this one's recipe, changed",
+    responses=error_responses(409),
 )
-def clone(scope: Tenancy, job_id: str, body: CloneJob, key: IdempotencyKey = None) -> JSONResponse:
+def clone_job(scope: Tenancy, job_id: str, body: CloneJob, key: IdempotencyKey = None) -> JSONResponse:
     source = scope.job(job_id)
     job, fresh = create_job(scope, clone_text(source, body.changes), idempotency_key=key, cloned_from=source.id)
     return _created(job, fresh, scope)
 
 
 @router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut], summary="The job's committed checkpoints")
-def checkpoints(scope: Tenancy, job_id: str) -> list[CheckpointOut]:
+def list_checkpoints(scope: Tenancy, job_id: str) -> list[CheckpointOut]:
     job = scope.job(job_id)
     rows = scope.session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step))
     return [
@@ -96,7 +102,7 @@ def checkpoints(scope: Tenancy, job_id: str) -> list[CheckpointOut]:
 
 
 @router.get("/{job_id}/data-report", summary="The data report of the job's dataset (ready once validated)")
-def data_report(scope: Tenancy, job_id: str) -> dict[str, Any]:
+def get_data_report(scope: Tenancy, job_id: str) -> dict[str, Any]:
     from finetune.jobstore import DATA_REPORT
 
     job = scope.job(job_id)
@@ -161,12 +167,13 @@ def _ranges(header: str | None, size: int) -> tuple[int, int] | None:
 _TAR: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/x-tar": {}}},
     206: {"description": "Part of the archive"},
+    **error_responses(416),
 }
 
 
 @router.get("/{job_id}/archive", summary="Download the model archive (HTTP Range supported)",
             response_class=StreamingResponse, responses=_TAR)  # fmt: skip
-def archive(scope: Tenancy, job_id: str, request: Request) -> Response:
+def download_archive(scope: Tenancy, job_id: str, request: Request) -> Response:
     job = scope.job(job_id)
     rel, name, size = _archive(scope, job)
     wanted = _ranges(request.headers.get("range"), size)
