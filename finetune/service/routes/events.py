@@ -27,7 +27,9 @@ BATCH = 500
 
 
 def event_out(row: Event) -> EventOut:
-    return EventOut(position=row.position, kind=row.kind, time=row.time, attempt=row.attempt, data=row.data)
+    return EventOut(
+        position=row.position, seq=row.seq, kind=row.kind, time=row.time, attempt=row.attempt, data=row.data
+    )
 
 
 def _events(svc: Service, job_id: str, after: int, limit: int) -> tuple[list[EventOut], bool]:
