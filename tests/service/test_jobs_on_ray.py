@@ -1,8 +1,9 @@
 """Jobs through the service on a real local Ray cluster: the whole path over HTTP, a dataset refused
-before any GPU is held, a cancel that stops the workers and keeps the checkpoints.
+before any GPU is held, a cancel that stops the workers and keeps the checkpoints, and the ops'
+throughput benchmark run on the cluster.
 
-The three jobs are submitted together at the start of the module (the cluster runs two at once)
-and each test waits for its own.
+The three jobs and the benchmark are submitted together at the start of the module (the cluster
+runs two at once; the benchmark waits until no tenant job is queued) and each test waits for its own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = (ROOT / "recipes" / "quickstart.yaml").read_text(encoding="utf-8")
 DATA = (ROOT / "recipes" / "data" / "quickstart.jsonl").read_bytes()
 FINAL = ("succeeded", "failed", "cancelled")
+BENCHMARK = {"gpus": 1, "runs": ["smollm2-135m-instruct:lora"], "seq_len": 256, "warmup": 1, "steps": 2}
 
 
 def slow_recipe() -> str:
@@ -76,6 +78,9 @@ def cluster_world(ray_head: str, tmp_path_factory: pytest.TempPathFactory) -> It
             )
             assert made.status_code == 201, made.text
             jobs[name] = made.json()["id"]
+        bench = c.post("/v1/ops/benchmarks", json=BENCHMARK, headers=world.auth("ops"))
+        assert bench.status_code == 201, bench.text
+        jobs["benchmark"] = bench.json()["id"]
         yield world, jobs
     world.svc.db.kw["bind"].dispose()
 
@@ -149,3 +154,29 @@ def test_cancel_stops_the_workers_within_seconds_and_keeps_the_checkpoints(clust
     kept = world.client.get(f"/v1/jobs/{job_id}/checkpoints", headers=world.auth("a")).json()
     assert kept and world.bucket("a").exists(f"jobs/{job_id}/checkpoints/{kept[-1]['name']}/COMMITTED.json")
     check_history(events(world, job_id), "cancelled")
+
+
+def test_ops_benchmark_throughput_per_gpu_on_the_cluster(cluster_world) -> None:
+    from finetune.service.models import Job
+
+    world, jobs = cluster_world
+    c = world.client
+    assert c.post("/v1/ops/benchmarks", json=BENCHMARK, headers=world.auth("a")).status_code == 403
+    assert c.post("/v1/ops/benchmarks", json={**BENCHMARK, "gpus": 99}, headers=world.auth("ops")).status_code == 422
+    assert c.post("/v1/ops/benchmarks", json={**BENCHMARK, "runs": ["x; rm -rf /"]},
+                  headers=world.auth("ops")).status_code == 422  # fmt: skip
+    run_id = jobs["benchmark"]
+    deadline = time.monotonic() + 300
+    while (run := c.get(f"/v1/ops/benchmarks/{run_id}", headers=world.auth("ops")).json())["state"] in (
+        "queued", "running"
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, run
+        time.sleep(1)
+    assert run["state"] == "succeeded", run
+    assert {row["system"] for row in run["per_gpu"]} == {"finetune", "hf-trainer"}
+    assert all(row["gpu"] == 0 and row["tokens_per_s_per_gpu"] > 0 and row["device"] for row in run["per_gpu"])
+    shown = c.get("/v1/ops/throughput", headers=world.auth("ops")).json()
+    assert {r["benchmark_id"] for r in shown["benchmarked"]} == {run_id}
+    assert c.get("/v1/ops/throughput", headers=world.auth("b")).status_code == 403
+    with world.svc.db() as session:  # only the tenant's own three jobs: the benchmark is no one's
+        assert session.query(Job).count() == 3
