@@ -75,6 +75,7 @@ def stream_events(scope: Tenancy, job_id: str, request: Request, after: AfterPos
     stream ends after the job's final event. Reconnect with ``Last-Event-ID`` to go on without a gap."""
     job = scope.job(job_id)
     svc, ident, cursor = scope.svc, job.id, _start(last_event_id, after)
+    scope.session.close()  # a stream may last hours: it holds no connection, each look takes one briefly
     poll = svc.settings.sse_poll_seconds
 
     async def body() -> AsyncIterator[bytes]:
