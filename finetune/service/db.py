@@ -18,6 +18,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if "poolclass" not in kwargs:  # as many connections as on PostgreSQL: readers never wait on each other
+            kwargs = {"pool_size": 20, "max_overflow": 20, **kwargs}
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")

@@ -9,9 +9,10 @@ tenant's resource is as missing as one that never existed (404).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
     from finetune.storage import Bucket
 
 T = TypeVar("T")
-LAST_USED_EVERY = timedelta(minutes=1)  # how stale a key's last_used_at may get (no write per request)
+LAST_USED_EVERY = timedelta(minutes=1)
+_TOUCHED: dict[str, datetime] = {}  # when this process last wrote a key's last_used_at
+_TOUCHED_LOCK = threading.Lock()  # how stale a key's last_used_at may get (no write per request)
 #: Declares the key in the OpenAPI document, on exactly the routes that take one, with the role a route
 #: needs as the requirement's scope (``tenant``, ``ops`` or ``admin``); :func:`_bearer` reads the key.
 BEARER = HTTPBearer(
@@ -88,7 +91,12 @@ def caller(
             raise ApiError(401, "unknown or revoked API key", code="unauthorized",
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})  # fmt: skip
         now = utcnow()
-        if row.last_used_at is None or now - row.last_used_at > LAST_USED_EVERY:
+        with _TOUCHED_LOCK:  # one write a minute per key and process, not one per request in flight
+            last = max(filter(None, (row.last_used_at, _TOUCHED.get(row.id))), default=None)
+            due = last is None or now - last > LAST_USED_EVERY
+            if due:
+                _TOUCHED[row.id] = now
+        if due:
             row.last_used_at = now
         return Caller(row.id, row.role, row.tenant_id)
 
@@ -201,7 +209,12 @@ def admin_scope(
         yield OpsScope(svc, session, who)
 
 
-Tenancy = Annotated[TenantScope, Depends(tenant_scope)]
-Ops = Annotated[OpsScope, Depends(ops_scope)]
-Admin = Annotated[OpsScope, Depends(admin_scope)]
+#: Requests holding a database session at once, per process; more wait without a thread or a
+#: connection (benchmarks/service_load.py: 100 clients on 2 cores exhausted the pool without it).
+DB_CONCURRENCY = 24
+# "function": a scope's session (and its pooled connection) ends when the route returns, before the
+# response is sent, so a download or an event stream holds none while it streams.
+Tenancy = Annotated[TenantScope, Depends(tenant_scope, scope="function", max_concurrency=DB_CONCURRENCY)]
+Ops = Annotated[OpsScope, Depends(ops_scope, scope="function", max_concurrency=DB_CONCURRENCY)]
+Admin = Annotated[OpsScope, Depends(admin_scope, scope="function")]
 Svc = Annotated[Service, Depends(service)]
