@@ -181,6 +181,7 @@ def tenant_scope(
         found = current_grant(session, who.tenant_id) if tenant is not None else None
         if tenant is None or found is None:
             raise ApiError(403, "this tenant has no grant in a term that is open now", code="no_active_term")
+        session.commit()  # the connection goes back to the pool; the route's first query takes one again
         yield TenantScope(svc, session, tenant, found[0], found[1], who.key_id)
 
 
@@ -211,10 +212,13 @@ def admin_scope(
 
 #: Requests holding a database session at once, per process; more wait without a thread or a
 #: connection (benchmarks/service_load.py: 100 clients on 2 cores exhausted the pool without it).
-DB_CONCURRENCY = 24
+DB_CONCURRENCY = 24  # with ops' 8 and admins' 4: 36 of the pool's 40 connections
 # "function": a scope's session (and its pooled connection) ends when the route returns, before the
 # response is sent, so a download or an event stream holds none while it streams.
 Tenancy = Annotated[TenantScope, Depends(tenant_scope, scope="function", max_concurrency=DB_CONCURRENCY)]
-Ops = Annotated[OpsScope, Depends(ops_scope, scope="function", max_concurrency=DB_CONCURRENCY)]
-Admin = Annotated[OpsScope, Depends(admin_scope, scope="function")]
+Ops = Annotated[OpsScope, Depends(ops_scope, scope="function", max_concurrency=8)]
+Admin = Annotated[OpsScope, Depends(admin_scope, scope="function", max_concurrency=4)]
+#: An upload spends most of its time receiving bytes, holding no connection (see tenant_scope): it is
+#: not counted against the requests that query.
+Uploading = Annotated[TenantScope, Depends(tenant_scope, scope="function")]
 Svc = Annotated[Service, Depends(service)]

@@ -18,7 +18,7 @@ from finetune.service.errors import ApiError, error_responses
 from finetune.service.models import Dataset
 from finetune.service.paging import After, Limit, page
 from finetune.service.schemas import DatasetOut, Page, RegisterDataset
-from finetune.service.scope import Tenancy
+from finetune.service.scope import Tenancy, Uploading
 from finetune.storage import QuotaExceededError
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -45,7 +45,7 @@ def _created(row: Dataset) -> JSONResponse:
         "schema": {"type": "string", "format": "binary"}}}}},
 )  # fmt: skip
 async def upload_dataset(
-    scope: Tenancy,
+    scope: Uploading,
     request: Request,
     path: Annotated[str, Query(max_length=1024, description="Where it goes in your bucket: datasets/train.jsonl")],
 ) -> JSONResponse:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from finetune.service.errors import ApiError
 from finetune.service.models import FINAL_STATES, Event, Job
@@ -32,14 +33,30 @@ def event_out(row: Event) -> EventOut:
     )
 
 
-def _events(svc: Service, job_id: str, after: int, limit: int) -> tuple[list[EventOut], bool]:
-    """Events after ``after``, and whether the job is over (its last event is then in the database)."""
+def _sse(rows: list[Event]) -> bytes:
+    """Events as server-sent events, one chunk (one socket write for a batch)."""
+    parts = []
+    for row in rows:
+        data = json.dumps(event_out(row).model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
+        parts.append(f"id: {row.position}\nevent: {row.kind}\ndata: {data}\n\n")
+    return "".join(parts).encode()
+
+
+def _news(svc: Service, job_id: str, after: int, limit: int) -> tuple[bytes, int, int, bool]:
+    """The events after ``after`` as one chunk, the last position, how many, and whether the job is
+    over with nothing more to send. Runs in a worker thread: the event loop only writes bytes."""
+
+    def since(session: Session) -> list[Event]:
+        query = select(Event).where(Event.job_id == job_id, Event.position > after).order_by(Event.position)
+        return list(session.scalars(query.limit(limit)).all())
+
     with svc.db() as session:
-        state = session.scalar(select(Job.state).where(Job.id == job_id))
-        rows = session.scalars(
-            select(Event).where(Event.job_id == job_id, Event.position > after).order_by(Event.position).limit(limit)
-        ).all()
-        return [event_out(r) for r in rows], state in FINAL_STATES
+        rows = since(session)
+        over = False
+        if not rows and session.scalar(select(Job.state).where(Job.id == job_id)) in FINAL_STATES:
+            rows = since(session)  # the final event commits with the state: read again to miss nothing
+            over = not rows
+        return _sse(rows), (rows[-1].position if rows else after), len(rows), over
 
 
 @router.get("/{job_id}/events", response_model=EventPage, summary="The job's events, oldest first, from a cursor")
@@ -83,16 +100,13 @@ def stream_events(scope: Tenancy, job_id: str, request: Request, after: AfterPos
         quiet = 0.0
         yield b"retry: 2000\n\n"
         while True:
-            events, over = await run_in_threadpool(_events, svc, ident, cursor, BATCH)
-            for event in events:
-                cursor = event.position
-                data = json.dumps(event.model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
-                yield f"id: {event.position}\nevent: {event.kind}\ndata: {data}\n\n".encode()
-            if events:
+            chunk, cursor, count, over = await run_in_threadpool(_news, svc, ident, cursor, BATCH)
+            if count:
+                yield chunk
                 quiet = 0.0
-                if len(events) == BATCH:
+                if count == BATCH:
                     continue
-            if over and not events:
+            if over:
                 return
             if await request.is_disconnected():
                 return
