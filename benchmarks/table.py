@@ -1,4 +1,5 @@
-"""Render every recorded throughput result (``benchmarks/results/throughput-*.json``) as one markdown page.
+"""Render every recorded result as one markdown page: training throughput
+(``benchmarks/results/throughput-*.json``) and the job service's load (``service-load-*.json``).
 
     python benchmarks/table.py                 # writes benchmarks/RESULTS.md
     python benchmarks/table.py --check         # exit 1 if RESULTS.md is not what the JSONs give
@@ -119,13 +120,70 @@ def render(results_dir: Path = RESULTS) -> str:
     return "\n".join(parts)
 
 
+SERVICE_HEADER = """## Job service load
+
+From `benchmarks/results/service-load-*.json` (written by `python benchmarks/service_load.py`): a
+database of tenants, jobs and events built in bulk, the service started with uvicorn (one process,
+dispatcher off) on loopback, concurrent clients each a random tenant (list jobs, get a job, list
+events, read an event stream), and one writer appending step events to a job some clients stream.
+Latencies p50 / p99 in ms; SSE: delivery delay of the written events p50 / p99 / max in ms. The aim:
+p99 under 200 ms on list and get, no event later than 1 s. Every figure here shares 2 cores between
+the server, the clients, the writer and the database.
+"""
+
+
+SERVICE_COLUMNS = ("service", "list jobs", "get job", "list events", "stream", "req/s", "errors", "SSE",
+                   "later than 1 s", "lost", "aim met")  # fmt: skip
+
+
+def _pair(op: dict[str, Any] | None) -> str:
+    return "-" if not op else f"{op['p50_ms']:,.0f} / {op['p99_ms']:,.0f}"
+
+
+def service_section(name: str, result: dict[str, Any]) -> str:
+    sizes, settings, device = result["sizes"], result["settings"], result["device"]
+    think = settings.get("think_s") or 0
+    lines = [
+        f"### {result['database']} {result.get('database_version', '')} · {result['date']} · `{name}`",
+        "",
+        f"{device.get('cpu')} ({device.get('cores')} cores); {sizes['tenants']:,} tenants, {sizes['jobs']:,} jobs, "
+        f"{sizes['events']:,} events; {settings['clients']} clients"
+        + (f" pausing ~{think:g} s between requests" if think else " back to back")
+        + f" for {settings['seconds']:g} s; writer {settings['write_rate_per_s']:g} events/s.",
+        "",
+        "| " + " | ".join(SERVICE_COLUMNS) + " |",
+        "|" + "---|" * len(SERVICE_COLUMNS),
+    ]
+    for run in result["runs"]:
+        ops, sse = run["operations"], run["sse"]
+        total = sum(o.get("per_s", 0) for o in ops.values())
+        errors = sum(sum(o.get("errors", {}).values()) for o in ops.values())
+        aim = "yes" if all(run.get("aim", {}).values()) else "no"
+        cells = [f"`{run['app']}`", _pair(ops.get("list_jobs")), _pair(ops.get("get_job")),
+                 _pair(ops.get("list_events")), _pair(ops.get("stream")), f"{total:.0f}", str(errors),
+                 f"{sse['p50_ms']:,.0f} / {sse['p99_ms']:,.0f} / {sse['max_ms']:,.0f}",
+                 str(sse["later_than_1s"]), str(sse["never_delivered"]), aim]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join([*lines, ""])
+
+
+def render_all(results_dir: Path = RESULTS) -> str:
+    text = render(results_dir)
+    files = sorted(results_dir.glob("service-load-*.json"))
+    if not files:
+        return text
+    parts = [text, SERVICE_HEADER]
+    parts.extend(service_section(p.name, json.loads(p.read_text(encoding="utf-8"))) for p in files)
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--out", type=Path, default=PAGE)
     p.add_argument("--check", action="store_true", help="only compare with the page; exit 1 when it differs")
     args = p.parse_args(argv)
-    text = render(args.results)
+    text = render_all(args.results)
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
         if current != text:
