@@ -215,3 +215,35 @@ def test_the_event_stream_resumes_after_the_last_event_id_and_ends_with_the_job(
     bad = world.client.get(f"/v1/jobs/{job['id']}/events/stream", headers={**world.auth("a"), "Last-Event-ID": "x"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "Last-Event-ID"
     assert world.client.get(f"/v1/jobs/{job['id']}/events/stream", headers=world.auth("b")).status_code == 404
+
+
+def test_a_live_stream_gets_events_written_while_it_waits(world) -> None:
+    import threading
+    import time
+
+    from finetune.service.history import add_events, transition
+
+    assert _upload(world).status_code == 201
+    job = _submit(world).json()
+
+    def write() -> None:  # what the dispatcher does while a job runs, then the job's end
+        time.sleep(0.5)
+        with world.svc.db() as session:
+            row = session.get(Job, job["id"])
+            assert row is not None
+            for step in (1, 2, 3):
+                add_events(session, row, [("step", {"step": step, "loss": 1.0 / step}, step, None)])
+                session.commit()
+                time.sleep(0.2)
+            transition(session, row, "cancelled", reason="cancelled")
+            session.commit()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    kinds = []
+    with world.client.stream("GET", f"/v1/jobs/{job['id']}/events/stream", headers=world.auth("a")) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+    writer.join()
+    assert kinds == ["state", "step", "step", "step", "state"]

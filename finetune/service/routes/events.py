@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from finetune.service.errors import ApiError
+from finetune.service.feed import EventFeed
 from finetune.service.models import FINAL_STATES, Event, Job
 from finetune.service.schemas import EventOut, EventPage, MetricPoint, MetricsOut
 from finetune.service.scope import Service, Tenancy
@@ -93,10 +94,10 @@ def stream_events(scope: Tenancy, job_id: str, request: Request, after: AfterPos
     job = scope.job(job_id)
     svc, ident, cursor = scope.svc, job.id, _start(last_event_id, after)
     scope.session.close()  # a stream may last hours: it holds no connection, each look takes one briefly
-    poll = svc.settings.sse_poll_seconds
 
     async def body() -> AsyncIterator[bytes]:
         nonlocal cursor
+        feed, loop = EventFeed.of(svc), asyncio.get_running_loop()
         quiet = 0.0
         yield b"retry: 2000\n\n"
         while True:
@@ -106,12 +107,11 @@ def stream_events(scope: Tenancy, job_id: str, request: Request, after: AfterPos
                 quiet = 0.0
                 if count == BATCH:
                     continue
-            if over:
+            if over or await request.is_disconnected():
                 return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(poll)
-            quiet += poll
+            started = loop.time()
+            await feed.wait(ident, cursor, KEEPALIVE_SECONDS - quiet)
+            quiet += loop.time() - started
             if quiet >= KEEPALIVE_SECONDS:
                 quiet = 0.0
                 yield b": keep-alive\n\n"
