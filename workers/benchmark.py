@@ -41,7 +41,7 @@ def main() -> int:
     if path is None:
         print("benchmarks/throughput.py is not installed with the engine", file=sys.stderr)
         return 1
-    ray.init()
+    ray.init(address="auto")  # the cluster this driver runs on
     gpu = ray.cluster_resources().get("GPU", 0) > 0
     task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=0 if gpu else 1)(_one)
     results = ray.get([task.remote(str(path), request.argv(gpu=gpu)) for _ in range(request.gpus)])

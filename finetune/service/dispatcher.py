@@ -186,7 +186,8 @@ class Dispatcher:
 
         settings = self.svc.engine.for_workers()
         flush = min(float(settings["events_flush_seconds"]), self.svc.settings.events_flush_seconds)
-        settings.update({"quota_bytes": quota, "ray_address": None, "events_flush_seconds": flush})
+        settings.update({"quota_bytes": quota, "events_flush_seconds": flush})
+        settings.pop("ray_address", None)  # the driver joins the cluster Ray runs it on (its RAY_ADDRESS)
         store = JobStore(bucket, job_prefix(job.id), job.id)
         return ClusterJob(job_id=job.id, attempt=job.attempt, store=store.ref(), recipe=job.recipe, settings=settings)
 

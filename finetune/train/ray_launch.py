@@ -47,7 +47,8 @@ def connect(settings: Settings) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
-    ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=True)
+    # no address: a private local cluster, never one that happens to run on this machine
+    ray.init(address=settings.ray_address or "local", include_dashboard=False, log_to_driver=True)
 
 
 def run_on_ray(

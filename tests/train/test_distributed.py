@@ -207,7 +207,7 @@ def ray_cluster(s3_server: dict[str, str]) -> Iterator[None]:
         mp.delenv("RAY_ADDRESS", raising=False)  # never join a cluster the environment points at
         mp.setenv("FINETUNE_S3_ACCESS_KEY_ID", s3_server["access_key_id"])
         mp.setenv("FINETUNE_S3_SECRET_ACCESS_KEY", s3_server["secret_access_key"])
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)  # private, even beside a running head
         try:
             yield
         finally:
